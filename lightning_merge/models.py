@@ -30,7 +30,8 @@ def build_config(preset: str, vocab_size: int, max_position_embeddings: int = 51
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(".ckpt") or Path(source).exists() or source.count("/") > 1
+    hub_id_like = source.count("/") <= 1 and not source.startswith((".", "/", "~"))
+    return not hub_id_like or source.endswith((".ckpt", ".safetensors"))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -41,7 +42,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({type(err).__name__})") from err
+        kind = type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({kind})") from err
 
 
 def _from_lightning_checkpoint(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
@@ -63,8 +65,9 @@ def _from_hf_dir(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) 
         raise CheckpointError(f"{path} has no config.json; pass an HF directory written by save_pretrained")
     try:
         return model_class.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(f"could not load the model in {path}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # safetensors, json and torch each raise their own types for a damaged file
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"could not load the model in {path} (corrupt or incomplete?): {reason}") from err
 
 
 def load_pretrained(source: str | Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertForMaskedLM, BertForSequenceClassification
+
+from lightning_merge.errors import CheckpointError, UnknownNameError
+from lightning_merge.models import HF_CONFIG_KEY, PRESETS, build_config, load_pretrained
+
+
+def tiny_mlm() -> BertForMaskedLM:
+    return BertForMaskedLM(build_config("tiny", vocab_size=50, hidden_size=16, intermediate_size=32))
+
+
+def test_presets_build_configs() -> None:
+    for name in PRESETS:
+        config = build_config(name, vocab_size=100)
+        assert config.hidden_size % config.num_attention_heads == 0
+
+
+def test_unknown_preset_lists_known() -> None:
+    with pytest.raises(UnknownNameError, match="known presets: tiny"):
+        build_config("huge", vocab_size=10)
+
+
+def test_load_hf_dir_and_classifier_from_mlm(tmp_path) -> None:
+    model = tiny_mlm()
+    model.save_pretrained(tmp_path / "hf")
+    again = load_pretrained(tmp_path / "hf", BertForMaskedLM)
+    assert torch.equal(again.bert.embeddings.word_embeddings.weight, model.bert.embeddings.word_embeddings.weight)
+    clf = load_pretrained(tmp_path / "hf", BertForSequenceClassification, num_labels=3)
+    assert clf.classifier.out_features == 3
+
+
+def test_load_our_lightning_checkpoint(tmp_path) -> None:
+    model = tiny_mlm()
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, HF_CONFIG_KEY: model.config.to_dict()}, tmp_path / "x.ckpt")
+    again = load_pretrained(tmp_path / "x.ckpt", BertForMaskedLM)
+    assert torch.equal(again.cls.predictions.bias, model.cls.predictions.bias)
+
+
+def test_missing_and_corrupt_checkpoints_name_the_path(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_pretrained(tmp_path / "nope.ckpt", BertForMaskedLM)
+    corrupt = tmp_path / "bad.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.ckpt is corrupt"):
+        load_pretrained(corrupt, BertForMaskedLM)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        load_pretrained(tmp_path / "empty", BertForMaskedLM)
+
+
+def test_foreign_checkpoint_is_rejected(tmp_path) -> None:
+    torch.save({"state_dict": {}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(CheckpointError, match="not written by lightning_merge"):
+        load_pretrained(tmp_path / "foreign.ckpt", BertForMaskedLM)
+
+
+def test_truncated_safetensors_is_a_clear_checkpoint_error(tmp_path) -> None:
+    tiny_mlm().save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt or incomplete"):
+        load_pretrained(tmp_path / "hf", BertForMaskedLM)

@@ -1,0 +1,390 @@
+"""The permutation spec: which permutation group acts on which axis of which weight, as data.
+
+A spec is built once per model from its HF config (`bert_spec`) or from the model itself (`spec_for_model`). Weight
+and module names are relative to the model passed in, so the ``bert.`` prefix of ``BertForMaskedLM`` and
+``BertForSequenceClassification`` is part of the names. Everything that is model-family specific lives in two tables:
+`FAMILIES` (module-name templates of a family) and `ARCHITECTURES` (HF class name -> family, prefix, heads).
+
+Groups (all perms index the feature axis they act on; see `lightning_merge.merge.permute` for orientation):
+
+- ``ff.{i}``: the d_ff intermediate features of layer i (rows + bias of ``intermediate.dense``, columns of
+  ``output.dense``).
+- ``attn.{i}``: the d concatenated per-head context features of layer i, head-aware (``num_heads`` blocks of
+  ``head_dim``): rows + bias of query, key and value share it (so QKᵀ is unchanged), columns of the attention output.
+- ``res``: one permutation of the whole residual stream.
+
+The MLM decoder is tied to the word embeddings: the spec declares the tie (``ties``) and gives the decoder weight the
+same axes (``(None, res)``); the decoder reads the transform's output in the word-embedding basis, so the transform's
+rows, bias and LayerNorm move with ``res`` as well. The decoder's per-vocab bias is not permuted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import torch
+
+from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
+
+GROUP_KINDS = ("ff", "attn", "res")
+RESIDUAL = "res"
+
+
+@dataclass(frozen=True)
+class PermGroup:
+    """One permutation group: ``size`` features, in ``num_heads`` contiguous blocks for attention."""
+
+    name: str
+    kind: str
+    size: int
+    num_heads: int = 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.size // self.num_heads
+
+
+@dataclass(frozen=True)
+class FeaturePoint:
+    """Where a group's features are read: the ``input`` (first positional arg) or ``output`` of ``module``."""
+
+    module: str
+    source: Literal["input", "output"]
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.source}"
+
+
+@dataclass(frozen=True)
+class FamilyNames:
+    """Module-name templates of one model family, relative to the base model (``{i}`` = layer index).
+
+    Head names (``pooler`` ... ``mlm_bias``) are relative to the full model; ``pooler`` is under the base prefix.
+    """
+
+    word_embeddings: str
+    position_embeddings: str
+    token_type_embeddings: str
+    embeddings_norm: str
+    layer: str
+    query: str
+    key: str
+    value: str
+    attention_out: str
+    attention_norm: str
+    ff_in: str
+    ff_out: str
+    ff_norm: str
+    pooler: str
+    classifier: str
+    mlm_transform: str
+    mlm_norm: str
+    mlm_decoder: str
+    mlm_bias: str
+
+
+BERT_NAMES = FamilyNames(
+    word_embeddings="embeddings.word_embeddings",
+    position_embeddings="embeddings.position_embeddings",
+    token_type_embeddings="embeddings.token_type_embeddings",
+    embeddings_norm="embeddings.LayerNorm",
+    layer="encoder.layer.{i}",
+    query="attention.self.query",
+    key="attention.self.key",
+    value="attention.self.value",
+    attention_out="attention.output.dense",
+    attention_norm="attention.output.LayerNorm",
+    ff_in="intermediate.dense",
+    ff_out="output.dense",
+    ff_norm="output.LayerNorm",
+    pooler="pooler.dense",
+    classifier="classifier",
+    mlm_transform="cls.predictions.transform.dense",
+    mlm_norm="cls.predictions.transform.LayerNorm",
+    mlm_decoder="cls.predictions.decoder",
+    mlm_bias="cls.predictions.bias",
+)
+
+FAMILIES: dict[str, FamilyNames] = {"bert": BERT_NAMES}
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """An HF model class: its family, where the base model sits (``prefix``) and which heads it carries."""
+
+    family: str
+    prefix: str
+    heads: tuple[str, ...]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "BertModel": Architecture("bert", "", ("pooler",)),
+    "BertForMaskedLM": Architecture("bert", "bert.", ("mlm",)),
+    "BertForSequenceClassification": Architecture("bert", "bert.", ("pooler", "classifier")),
+}
+
+# Config fields that fix every shape the spec touches, in the order a mismatch is reported.
+_SHAPE_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
+@dataclass(frozen=True, eq=False)
+class PermutationSpec:
+    """Weight name -> per-axis group name (``None``: axis not permuted), the groups, and their feature points.
+
+    Attributes:
+        architecture: HF class name the spec was built for.
+        axes: every floating weight of the model; tied aliases are listed too, with the axes of their source.
+        groups: group name -> `PermGroup`, in matching order (ff/attn per layer, then ``res``).
+        points: group name -> feature points whose statistics the group is matched on.
+        ties: alias weight name -> source weight name (the alias shares the source's storage).
+        fields: (name, value) pairs identifying the architecture; two specs are compatible when these are equal.
+    """
+
+    architecture: str
+    axes: Mapping[str, tuple[str | None, ...]]
+    groups: Mapping[str, PermGroup]
+    points: Mapping[str, tuple[FeaturePoint, ...]]
+    ties: Mapping[str, str] = field(default_factory=dict)
+    fields: tuple[tuple[str, Any], ...] = ()
+
+    @cached_property
+    def group_axes(self) -> dict[str, list[tuple[str, int]]]:
+        """The inverse map, derived once: group name -> [(weight name, axis)]."""
+        inverse: dict[str, list[tuple[str, int]]] = {name: [] for name in self.groups}
+        for weight, axes in self.axes.items():
+            for axis, group in enumerate(axes):
+                if group is not None:
+                    inverse[group].append((weight, axis))
+        return inverse
+
+    def groups_of_kind(self, kinds: Iterable[str]) -> list[str]:
+        """Group names whose kind is in ``kinds`` (``ff``, ``attn``, ``res``), in spec order."""
+        wanted = set(kinds)
+        return [name for name, group in self.groups.items() if group.kind in wanted]
+
+    def check_compatible(self, other: PermutationSpec, what: str = "models") -> None:
+        """Raise `ArchitectureMismatch` naming the first field in which ``other`` differs from this spec."""
+        check_same_fields(self.fields, other.fields, what)
+
+    def check_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Check that ``state_dict`` holds exactly the floating weights this spec describes, with matching shapes.
+
+        Raises:
+            ArchitectureMismatch: a weight is missing or a permuted axis has the wrong size.
+            UnsupportedModel: the state dict has floating weights the spec does not describe.
+        """
+        missing = [name for name in self.axes if name not in state_dict and name not in self.ties]
+        if missing:
+            raise ArchitectureMismatch(f"state dict lacks {missing[0]} (expected by the {self.architecture} spec)")
+        unknown = [n for n, t in state_dict.items() if n not in self.axes and torch.is_floating_point(t)]
+        if unknown:
+            raise UnsupportedModel(
+                f"weight {unknown[0]} is not described by the {self.architecture} spec; "
+                f"supported classes: {', '.join(ARCHITECTURES)}"
+            )
+        for name, axes in self.axes.items():
+            if name in state_dict:
+                self._check_shape(name, tuple(state_dict[name].shape), axes)
+
+    def _check_shape(self, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> None:
+        if len(shape) != len(axes):
+            raise ArchitectureMismatch(f"{name} has {len(shape)} dims, the spec expects {len(axes)}")
+        for axis, group in enumerate(axes):
+            if group is not None and shape[axis] != self.groups[group].size:
+                raise ArchitectureMismatch(
+                    f"{name} axis {axis} has size {shape[axis]}, group {group} has {self.groups[group].size}"
+                )
+
+
+def check_same_fields(fields_a: Iterable[tuple[str, Any]], fields_b: Iterable[tuple[str, Any]], what: str) -> None:
+    """Raise `ArchitectureMismatch` naming the first (name, value) pair that differs between the two sequences."""
+    list_a, list_b = list(fields_a), list(fields_b)
+    for (name_a, value_a), (name_b, value_b) in zip(list_a, list_b):
+        if name_a != name_b or value_a != value_b:
+            raise ArchitectureMismatch(f"{what} differ in {name_a}: {value_a!r} vs {value_b!r}")
+    if len(list_a) != len(list_b):
+        raise ArchitectureMismatch(f"{what} differ in their number of fields: {len(list_a)} vs {len(list_b)}")
+
+
+class _SpecBuilder:
+    """Small helpers that declare weights: ``dense``, ``norm``, ``embed``, ``tie`` (git-re-basin style)."""
+
+    def __init__(self) -> None:
+        self.axes: dict[str, tuple[str | None, ...]] = {}
+        self.ties: dict[str, str] = {}
+
+    def dense(self, name: str, p_out: str | None, p_in: str | None, bias: bool = True) -> None:
+        self.axes[f"{name}.weight"] = (p_out, p_in)  # torch Linear weight is (out, in)
+        if bias:
+            self.axes[f"{name}.bias"] = (p_out,)
+
+    def norm(self, name: str, p: str | None) -> None:
+        self.axes[f"{name}.weight"] = (p,)
+        self.axes[f"{name}.bias"] = (p,)
+
+    def embed(self, name: str, p: str | None) -> None:
+        self.axes[f"{name}.weight"] = (None, p)  # (vocab, hidden)
+
+    def vector(self, name: str, p: str | None) -> None:
+        self.axes[name] = (p,)
+
+    def tie(self, alias: str, source: str) -> None:
+        self.ties[alias] = source
+        self.axes[alias] = self.axes[source]
+
+
+def _layer_weights(build: _SpecBuilder, names: FamilyNames, layer: str, i: int) -> None:
+    attn, ff = f"attn.{i}", f"ff.{i}"
+    for projection in (names.query, names.key, names.value):
+        build.dense(f"{layer}.{projection}", attn, RESIDUAL)
+    build.dense(f"{layer}.{names.attention_out}", RESIDUAL, attn)
+    build.norm(f"{layer}.{names.attention_norm}", RESIDUAL)
+    build.dense(f"{layer}.{names.ff_in}", ff, RESIDUAL)
+    build.dense(f"{layer}.{names.ff_out}", RESIDUAL, ff)
+    build.norm(f"{layer}.{names.ff_norm}", RESIDUAL)
+
+
+def _pooler_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
+    # The pooler reads the residual stream; its tanh output feeds the classifier in its own (unpermuted) basis.
+    build.dense(prefix + names.pooler, None, RESIDUAL)
+
+
+def _classifier_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
+    build.dense(names.classifier, None, None)
+
+
+def _mlm_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
+    # The decoder is the word-embedding matrix, so the transform's output must live in the residual basis too.
+    build.dense(names.mlm_transform, RESIDUAL, RESIDUAL)
+    build.norm(names.mlm_norm, RESIDUAL)
+    build.vector(names.mlm_bias, None)
+    build.tie(f"{names.mlm_decoder}.weight", f"{prefix}{names.word_embeddings}.weight")
+    build.tie(f"{names.mlm_decoder}.bias", names.mlm_bias)
+
+
+HEAD_BUILDERS = {"pooler": _pooler_head, "classifier": _classifier_head, "mlm": _mlm_head}
+
+
+def _groups(config: Any) -> dict[str, PermGroup]:
+    heads = config.num_attention_heads
+    groups: dict[str, PermGroup] = {}
+    for i in range(config.num_hidden_layers):
+        groups[f"ff.{i}"] = PermGroup(f"ff.{i}", "ff", config.intermediate_size)
+        groups[f"attn.{i}"] = PermGroup(f"attn.{i}", "attn", config.hidden_size, heads)
+    groups[RESIDUAL] = PermGroup(RESIDUAL, "res", config.hidden_size)
+    return groups
+
+
+def _points(config: Any, names: FamilyNames, prefix: str) -> dict[str, tuple[FeaturePoint, ...]]:
+    points: dict[str, tuple[FeaturePoint, ...]] = {}
+    residual = [FeaturePoint(prefix + names.embeddings_norm, "output")]
+    for i in range(config.num_hidden_layers):
+        layer = prefix + names.layer.format(i=i)
+        points[f"ff.{i}"] = (FeaturePoint(f"{layer}.{names.ff_out}", "input"),)
+        points[f"attn.{i}"] = (FeaturePoint(f"{layer}.{names.attention_out}", "input"),)
+        residual += [
+            FeaturePoint(f"{layer}.{names.attention_norm}", "output"),
+            FeaturePoint(f"{layer}.{names.ff_norm}", "output"),
+        ]
+    points[RESIDUAL] = tuple(residual)
+    return points
+
+
+def _architecture(model_class_or_arch: str | type) -> tuple[str, Architecture]:
+    name = model_class_or_arch if isinstance(model_class_or_arch, str) else model_class_or_arch.__name__
+    if name not in ARCHITECTURES:
+        raise UnsupportedModel(f"no permutation spec for {name}; supported: {', '.join(ARCHITECTURES)}")
+    return name, ARCHITECTURES[name]
+
+
+def _check_config(config: Any, name: str, arch: Architecture) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type != arch.family:
+        raise UnsupportedModel(f"{name} expects a {arch.family!r} config, got model_type {model_type!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ArchitectureMismatch(
+            f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
+        )
+    position = getattr(config, "position_embedding_type", "absolute")
+    if position != "absolute":
+        raise UnsupportedModel(f"position_embedding_type {position!r} is not supported; only 'absolute' is")
+
+
+def bert_spec(
+    config: Any, model_class_or_arch: str | type = "BertModel", pooler: bool | None = None
+) -> PermutationSpec:
+    """Build the permutation spec of a BERT-family model from its HF config.
+
+    Args:
+        config: an HF config (``BertConfig``) — layer count, sizes and heads are read from it.
+        model_class_or_arch: the HF class (or its name), e.g. ``BertForMaskedLM``; fixes prefix and heads.
+        pooler: whether the model has a pooler (``BertModel(add_pooling_layer=False)`` has none); ``None`` takes
+            the class's default.
+
+    Returns:
+        The `PermutationSpec` with names relative to a model of that class.
+
+    Raises:
+        UnsupportedModel: the class or config is not one the spec tables know.
+    """
+    name, arch = _architecture(model_class_or_arch)
+    _check_config(config, name, arch)
+    names, prefix = FAMILIES[arch.family], arch.prefix
+    heads = [h for h in arch.heads if h != "pooler" or pooler is not False]
+    if pooler and "pooler" not in heads:
+        heads.insert(0, "pooler")
+    build = _SpecBuilder()
+    for embedding in (names.word_embeddings, names.position_embeddings, names.token_type_embeddings):
+        build.embed(prefix + embedding, RESIDUAL)
+    build.norm(prefix + names.embeddings_norm, RESIDUAL)
+    for i in range(config.num_hidden_layers):
+        _layer_weights(build, names, prefix + names.layer.format(i=i), i)
+    for head in heads:
+        HEAD_BUILDERS[head](build, names, prefix)
+    fields = [("architecture", name)] + [(f, getattr(config, f, None)) for f in _SHAPE_FIELDS]
+    fields += [("pooler", "pooler" in heads)]
+    if "classifier" in heads:
+        fields.append(("num_labels", config.num_labels))
+    return PermutationSpec(name, build.axes, _groups(config), _points(config, names, prefix), build.ties, tuple(fields))
+
+
+def spec_for_model(model: torch.nn.Module) -> PermutationSpec:
+    """Build the spec of an HF model instance and check it against the model's state dict.
+
+    Raises:
+        UnsupportedModel: the model's class is not in `ARCHITECTURES` or it has weights the spec does not know.
+        ArchitectureMismatch: the state dict's shapes disagree with the config.
+    """
+    name, arch = _architecture(type(model))
+    pooler_module = arch.prefix + FAMILIES[arch.family].pooler
+    has_pooler = _get_module(model, pooler_module) is not None
+    spec = bert_spec(model.config, name, pooler=has_pooler)
+    spec.check_state_dict(model.state_dict())
+    return spec
+
+
+def spec_for_pair(model_a: torch.nn.Module, model_b: torch.nn.Module) -> PermutationSpec:
+    """The spec of two models that must share one architecture (`ArchitectureMismatch` names the first difference)."""
+    spec_a, spec_b = spec_for_model(model_a), spec_for_model(model_b)
+    spec_a.check_compatible(spec_b, "model_a and model_b")
+    return spec_a
+
+
+def _get_module(model: torch.nn.Module, name: str) -> torch.nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None

@@ -1,0 +1,134 @@
+"""PermutationSpec: built from the config, complete over the state dict, bad input named."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
+
+from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
+from lightning_merge.merge.spec import ARCHITECTURES, bert_spec, spec_for_model, spec_for_pair
+
+CLASSES = (BertModel, BertForMaskedLM, BertForSequenceClassification)
+
+
+def tiny_config(**overrides) -> BertConfig:
+    kwargs = dict(
+        vocab_size=40,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=3,
+        intermediate_size=40,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    return BertConfig(**{**kwargs, **overrides})
+
+
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_spec_covers_every_floating_weight(model_class):
+    model = model_class(tiny_config())
+    spec = spec_for_model(model)
+    floating = {name for name, t in model.state_dict().items() if torch.is_floating_point(t)}
+    assert floating <= set(spec.axes)
+    assert set(spec.groups) == {"ff.0", "ff.1", "ff.2", "attn.0", "attn.1", "attn.2", "res"}
+    assert spec.groups["attn.1"].num_heads == 3 and spec.groups["attn.1"].head_dim == 8
+    assert spec.groups["ff.2"].size == 40 and spec.groups["res"].size == 24
+
+
+@pytest.mark.parametrize("model_class", CLASSES)
+def test_feature_points_name_real_modules(model_class):
+    model = model_class(tiny_config())
+    spec = spec_for_model(model)
+    assert len(spec.points["res"]) == 2 * 3 + 1
+    for group, points in spec.points.items():
+        for point in points:
+            model.get_submodule(point.module)  # raises if the name is wrong
+            assert point.source == ("output" if group == "res" else "input")
+    prefix = "" if model_class is BertModel else "bert."
+    assert spec.points["ff.0"][0].module == f"{prefix}encoder.layer.0.output.dense"
+    assert spec.points["attn.2"][0].module == f"{prefix}encoder.layer.2.attention.output.dense"
+    assert spec.points["res"][0].module == f"{prefix}embeddings.LayerNorm"
+
+
+def test_mlm_head_moves_with_residual_and_decoder_is_tied():
+    spec = spec_for_model(BertForMaskedLM(tiny_config()))
+    assert spec.ties["cls.predictions.decoder.weight"] == "bert.embeddings.word_embeddings.weight"
+    assert spec.axes["cls.predictions.decoder.weight"] == (None, "res")
+    assert spec.axes["cls.predictions.transform.dense.weight"] == ("res", "res")
+    assert spec.axes["cls.predictions.transform.dense.bias"] == ("res",)
+    assert spec.axes["cls.predictions.transform.LayerNorm.weight"] == ("res",)
+    assert spec.axes["cls.predictions.bias"] == (None,)
+
+
+def test_pooler_reads_residual_but_its_output_is_not_permuted():
+    spec = spec_for_model(BertForSequenceClassification(tiny_config()))
+    assert spec.axes["bert.pooler.dense.weight"] == (None, "res")
+    assert spec.axes["bert.pooler.dense.bias"] == (None,)
+    assert spec.axes["classifier.weight"] == (None, None)
+
+
+def test_inverse_map_is_derived_from_axes():
+    spec = spec_for_model(BertForMaskedLM(tiny_config()))
+    assert ("bert.encoder.layer.1.intermediate.dense.weight", 0) in spec.group_axes["ff.1"]
+    assert ("bert.encoder.layer.1.output.dense.weight", 1) in spec.group_axes["ff.1"]
+    assert ("cls.predictions.transform.dense.weight", 0) in spec.group_axes["res"]
+    assert len(spec.group_axes["attn.0"]) == 3 * 2 + 1  # q, k, v rows + bias, output columns
+
+
+def test_bert_model_without_pooler():
+    spec = spec_for_model(BertModel(tiny_config(), add_pooling_layer=False))
+    assert not any(name.startswith("pooler") for name in spec.axes)
+    assert dict(spec.fields)["pooler"] is False
+
+
+def test_spec_from_class_name_equals_spec_from_model():
+    config = tiny_config()
+    assert bert_spec(config, "BertForMaskedLM").axes == spec_for_model(BertForMaskedLM(config)).axes
+
+
+def test_unsupported_class_names_supported_ones():
+    with pytest.raises(UnsupportedModel, match="BertForPreTraining.*supported: BertModel, BertForMaskedLM"):
+        spec_for_model(BertForPreTraining(tiny_config()))
+    with pytest.raises(UnsupportedModel, match="supported"):
+        bert_spec(tiny_config(), torch.nn.Linear)
+
+
+def test_unsupported_config():
+    with pytest.raises(UnsupportedModel, match="position_embedding_type"):
+        bert_spec(tiny_config(position_embedding_type="relative_key"), "BertModel")
+    roberta_like = dataclasses.make_dataclass("Cfg", [("model_type", str)])("roberta")
+    with pytest.raises(UnsupportedModel, match="model_type 'roberta'"):
+        bert_spec(roberta_like, "BertModel")
+
+
+def test_pair_mismatch_names_first_differing_field():
+    base = BertForMaskedLM(tiny_config())
+    with pytest.raises(ArchitectureMismatch, match="num_hidden_layers: 3 vs 2"):
+        spec_for_pair(base, BertForMaskedLM(tiny_config(num_hidden_layers=2, intermediate_size=48)))
+    with pytest.raises(ArchitectureMismatch, match="intermediate_size: 40 vs 48"):
+        spec_for_pair(base, BertForMaskedLM(tiny_config(intermediate_size=48)))
+    with pytest.raises(ArchitectureMismatch, match="architecture: 'BertForMaskedLM' vs 'BertForSequenceClassification'"):
+        spec_for_pair(base, BertForSequenceClassification(tiny_config()))
+    assert spec_for_pair(base, BertForMaskedLM(tiny_config())).architecture == "BertForMaskedLM"
+
+
+def test_state_dict_checks():
+    model = BertForMaskedLM(tiny_config())
+    spec = spec_for_model(model)
+    state = dict(model.state_dict())
+    with pytest.raises(UnsupportedModel, match="extra.weight is not described"):
+        spec.check_state_dict({**state, "extra.weight": torch.zeros(2)})
+    state["bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(41, 24)
+    with pytest.raises(ArchitectureMismatch, match="intermediate.dense.weight axis 0 has size 41, group ff.0 has 40"):
+        spec.check_state_dict(state)
+    del state["bert.encoder.layer.0.intermediate.dense.weight"]
+    with pytest.raises(ArchitectureMismatch, match="lacks bert.encoder.layer.0.intermediate.dense.weight"):
+        spec.check_state_dict(state)
+
+
+def test_family_tables_are_data():
+    assert {arch.family for arch in ARCHITECTURES.values()} == {"bert"}
+    assert ARCHITECTURES["BertForMaskedLM"].prefix == "bert."

@@ -1,0 +1,192 @@
+"""Streaming statistics for matching: float64 sums over tokens, memory O(d²) per feature point.
+
+For every feature point of every recorded group, `PairStatistics` keeps the token count and the float64 sums of x_a,
+x_b, x_a², x_b² and x_a x_bᵀ (A's features against B's). The sums combine exactly (`merge`, or an all-reduce of
+`state_tensors`), and the Pearson correlation is computed from them at the end; features that are dead or constant
+get correlation 0 with everything, never NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from lightning_merge.errors import ConfigError, DataError
+from lightning_merge.merge.spec import PermutationSpec, check_same_fields
+
+STAT_FIELDS = ("count", "sum_a", "sum_b", "sq_a", "sq_b", "cross")
+# A feature whose variance is below this fraction of its mean square is constant up to rounding: treat it as dead.
+DEAD_RELATIVE_VARIANCE = 1e-10
+# Rows per float64 block in `update`: bounds the temporary memory whatever the batch size.
+UPDATE_CHUNK = 4096
+
+
+class PairStatistics:
+    """Sums over tokens of one feature point, A's features (d_a) against B's (d_b), in float64.
+
+    Args:
+        dim_a: feature width of model A at this point.
+        dim_b: feature width of model B (default ``dim_a``).
+        device: where the sums live (e.g. the features' GPU); float64 everywhere.
+    """
+
+    def __init__(self, dim_a: int, dim_b: int | None = None, device: torch.device | str | None = None) -> None:
+        dim_b = dim_a if dim_b is None else dim_b
+        options = dict(dtype=torch.float64, device=device)
+        self.count = torch.zeros((), **options)
+        self.sum_a, self.sq_a = torch.zeros(dim_a, **options), torch.zeros(dim_a, **options)
+        self.sum_b, self.sq_b = torch.zeros(dim_b, **options), torch.zeros(dim_b, **options)
+        self.cross = torch.zeros(dim_a, dim_b, **options)
+
+    @property
+    def device(self) -> torch.device:
+        return self.cross.device
+
+    def update(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
+        """Add N tokens: ``x_a`` (N, d_a) and ``x_b`` (N, d_b), row n of both from the same token."""
+        if x_a.ndim != 2 or x_b.ndim != 2 or x_a.shape[0] != x_b.shape[0]:
+            raise DataError(f"features must be (N, d) with the same N, got {tuple(x_a.shape)} and {tuple(x_b.shape)}")
+        if (x_a.shape[1], x_b.shape[1]) != tuple(self.cross.shape):
+            raise DataError(f"features of width {x_a.shape[1]}/{x_b.shape[1]}, statistics of {tuple(self.cross.shape)}")
+        for start in range(0, x_a.shape[0], UPDATE_CHUNK):
+            self._update_block(x_a[start : start + UPDATE_CHUNK], x_b[start : start + UPDATE_CHUNK])
+
+    def _update_block(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
+        a = x_a.to(self.device, torch.float64)
+        b = x_b.to(self.device, torch.float64)
+        self.count += a.shape[0]
+        self.sum_a += a.sum(0)
+        self.sum_b += b.sum(0)
+        self.sq_a += a.square().sum(0)
+        self.sq_b += b.square().sum(0)
+        self.cross.addmm_(a.T, b)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The sums, by field name; reducing each with SUM across ranks gives the statistics of all tokens."""
+        return {name: getattr(self, name) for name in STAT_FIELDS}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace the sums (e.g. with all-reduced ones); shapes must match."""
+        for name in STAT_FIELDS:
+            current = getattr(self, name)
+            if tensors[name].shape != current.shape:
+                shape, expected = tuple(tensors[name].shape), tuple(current.shape)
+                raise DataError(f"statistic {name} has shape {shape}, expected {expected}")
+            setattr(self, name, tensors[name].to(current.device, torch.float64).clone())
+
+    def merge(self, other: PairStatistics) -> None:
+        """Add another partial statistic of the same point in place (exact: the sums add)."""
+        for name in STAT_FIELDS:
+            getattr(self, name).add_(getattr(other, name).to(self.device))
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(cross-covariance (d_a, d_b), var_a, var_b, mean square a, mean square b), population form."""
+        if self.count.item() == 0:
+            raise DataError("no tokens were recorded for these statistics; feed at least one non-padding token")
+        n = self.count
+        mean_a, mean_b = self.sum_a / n, self.sum_b / n
+        covariance = self.cross / n - torch.outer(mean_a, mean_b)
+        meansq_a, meansq_b = self.sq_a / n, self.sq_b / n
+        return covariance, meansq_a - mean_a.square(), meansq_b - mean_b.square(), meansq_a, meansq_b
+
+    def correlation(self) -> torch.Tensor:
+        """Pearson correlation (d_a, d_b); dead or constant features give 0."""
+        return correlation_from_moments([self.moments()])
+
+
+def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Correlation of the point-averaged covariance: mean(cov) / sqrt(mean(var_a) ⊗ mean(var_b)).
+
+    With one point this is its Pearson correlation; with several it is the paper's residual "all" (covariances
+    averaged over points, then normalised).
+    """
+    stacked = [torch.stack(parts) for parts in zip(*moments)]
+    covariance, var_a, var_b, meansq_a, meansq_b = (part.mean(0) for part in stacked)
+    std_a = _live_std(var_a, meansq_a)
+    std_b = _live_std(var_b, meansq_b)
+    denominator = torch.outer(std_a, std_b)
+    correlation = torch.where(denominator > 0, covariance / denominator.clamp_min(1e-300), 0.0)
+    return correlation.clamp(-1.0, 1.0)
+
+
+def _live_std(variance: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+    dead = variance <= DEAD_RELATIVE_VARIANCE * mean_square
+    return torch.where(dead, 0.0, variance.clamp_min(0.0).sqrt())
+
+
+class MergeStatistics:
+    """Statistics for every feature point of the recorded groups of a spec.
+
+    Args:
+        spec: the `PermutationSpec` both models share.
+        groups: group names to keep statistics for (default: all).
+        device: where the float64 sums live.
+    """
+
+    def __init__(
+        self, spec: PermutationSpec, groups: Iterable[str] | None = None, device: torch.device | str | None = None
+    ) -> None:
+        self.spec = spec
+        self.groups = list(spec.groups if groups is None else groups)
+        unknown = [g for g in self.groups if g not in spec.groups]
+        if unknown:
+            known = ", ".join(spec.groups)
+            raise ConfigError(f"no group {unknown[0]!r} in the {spec.architecture} spec; known: {known}")
+        self.points: dict[str, PairStatistics] = {}
+        for group in self.groups:
+            for point in spec.points[group]:
+                self.points.setdefault(point.key, PairStatistics(spec.groups[group].size, device=device))
+
+    def update_from_features(self, feats_a: Mapping[str, Mapping[str, torch.Tensor]], feats_b: Mapping) -> None:
+        """Add one batch of features, as returned by `FeatureRecorder.pop` for model A and model B."""
+        done: set[str] = set()
+        for group in self.groups:
+            for point in self.spec.points[group]:
+                if point.key in done:
+                    continue  # a point shared by two groups is counted once
+                self.points[point.key].update(feats_a[group][point.key], feats_b[group][point.key])
+                done.add(point.key)
+
+    def check_spec(self, spec: PermutationSpec, groups: Iterable[str] = ()) -> None:
+        """Raise `ArchitectureMismatch` unless these statistics come from ``spec`` and hold ``groups``."""
+        check_same_fields(self.spec.fields, spec.fields, "statistics and models")
+        missing = [g for g in groups if g not in self.groups]
+        if missing:
+            raise ConfigError(f"statistics hold no group {missing[0]!r}; record it (held: {', '.join(self.groups)})")
+
+    def merge(self, other: MergeStatistics) -> None:
+        """Add another partial `MergeStatistics` of the same spec and groups in place."""
+        self.check_spec(other.spec, self.groups)
+        other.check_spec(self.spec, self.groups)
+        for key, stats in self.points.items():
+            stats.merge(other.points[key])
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every sum as ``"{point key}/{field}"`` -> tensor: all-reduce each with SUM, then `load_state_tensors`."""
+        return {f"{key}/{name}": t for key, stats in self.points.items() for name, t in stats.state_tensors().items()}
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace every sum with the tensor of the same key (from `state_tensors`, e.g. after an all-reduce)."""
+        for key, stats in self.points.items():
+            stats.load_state_tensors({name: tensors[f"{key}/{name}"] for name in STAT_FIELDS})
+
+    def group_points(self, group: str) -> list[PairStatistics]:
+        """The statistics of ``group``'s feature points, in spec order."""
+        if group not in self.groups:
+            raise ConfigError(f"statistics hold no group {group!r}; held: {', '.join(self.groups)}")
+        return [self.points[point.key] for point in self.spec.points[group]]
+
+    def correlation(self, group: str, points: slice | None = None) -> torch.Tensor:
+        """Correlation of ``group`` over the chosen points (default all; e.g. ``slice(0, 1)`` for the first)."""
+        chosen = self.group_points(group)[points or slice(None)]
+        return correlation_from_moments(stats.moments() for stats in chosen)
+
+    @property
+    def token_count(self) -> int:
+        """Tokens seen (the count of the first point; every point sees every token)."""
+        return int(next(iter(self.points.values())).count.item()) if self.points else 0
+
+    def nbytes(self) -> int:
+        """Bytes held by the sums (independent of the number of tokens)."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())

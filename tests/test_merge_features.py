@@ -1,0 +1,74 @@
+"""FeatureRecorder: hooks on the spec's feature points, token features of real tokens only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from lightning_merge.errors import ArchitectureMismatch
+from lightning_merge.merge.features import FeatureRecorder
+from lightning_merge.merge.spec import spec_for_model
+
+
+@pytest.fixture
+def model() -> BertForMaskedLM:
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    return BertForMaskedLM(config).eval()
+
+
+def inputs() -> dict[str, torch.Tensor]:
+    input_ids = torch.randint(0, 30, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    return dict(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@torch.no_grad()
+def test_features_of_real_tokens_at_every_point(model):
+    spec = spec_for_model(model)
+    with FeatureRecorder(model, spec) as recorder:
+        out = model(**inputs(), output_hidden_states=True)
+        features = recorder.pop(inputs()["attention_mask"])
+    assert set(features) == set(spec.groups)
+    assert features["ff.1"]["bert.encoder.layer.1.output.dense:input"].shape == (9, 32)
+    assert features["attn.0"]["bert.encoder.layer.0.attention.output.dense:input"].shape == (9, 16)
+    residual = list(features["res"].values())
+    assert len(residual) == 5 and all(x.shape == (9, 16) for x in residual)
+    keep = inputs()["attention_mask"].bool()
+    torch.testing.assert_close(residual[0], out.hidden_states[0][keep])  # after the embedding LayerNorm
+    torch.testing.assert_close(residual[-1], out.hidden_states[-1][keep])  # after the last layer
+
+
+@torch.no_grad()
+def test_special_tokens_excluded_and_groups_selected(model):
+    spec = spec_for_model(model)
+    special = torch.zeros(2, 6, dtype=torch.long)
+    special[:, 0] = 1
+    with FeatureRecorder(model, spec, groups=["ff.0"]) as recorder:
+        model(**inputs())
+        features = recorder.pop(inputs()["attention_mask"], special)
+    assert list(features) == ["ff.0"]
+    assert next(iter(features["ff.0"].values())).shape == (7, 32)
+
+
+@torch.no_grad()
+def test_hooks_are_removed(model):
+    recorder = FeatureRecorder(model, spec_for_model(model))
+    with recorder:
+        assert any(m._forward_hooks for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="no activation recorded"):
+        recorder.pop(inputs()["attention_mask"])
+
+
+def test_missing_module_is_named(model):
+    spec = spec_for_model(model)
+    with pytest.raises(ArchitectureMismatch, match="no module bert.encoder.layer.0.output.dense"):
+        FeatureRecorder(model.bert, spec, groups=["ff.0"]).register()

@@ -1,0 +1,136 @@
+"""Streaming statistics: exact sums, Pearson correlation without NaN, memory independent of tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import BertConfig
+
+from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError
+from lightning_merge.merge.spec import bert_spec
+from lightning_merge.merge.stats import MergeStatistics, PairStatistics, correlation_from_moments
+
+
+def correlated(n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    x_a = torch.randn(n, d, generator=generator) * torch.linspace(0.5, 3, d) + 2.0
+    x_b = 0.7 * x_a[:, torch.randperm(d, generator=generator)] + 0.3 * torch.randn(n, d, generator=generator)
+    return x_a, x_b
+
+
+def test_correlation_matches_numpy():
+    x_a, x_b = correlated(500, 6)
+    stats = PairStatistics(6)
+    stats.update(x_a, x_b)
+    expected = np.corrcoef(x_a.double().numpy().T, x_b.double().numpy().T)[:6, 6:]
+    np.testing.assert_allclose(stats.correlation().numpy(), expected, atol=1e-10)
+
+
+def test_streaming_and_merge_equal_one_pass():
+    x_a, x_b = correlated(300, 5)
+    whole, first, second, streamed = (PairStatistics(5) for _ in range(4))
+    whole.update(x_a, x_b)
+    first.update(x_a[:120], x_b[:120])
+    second.update(x_a[120:], x_b[120:])
+    for start in range(0, 300, 7):
+        streamed.update(x_a[start : start + 7], x_b[start : start + 7])
+    first.merge(second)
+    for other in (first, streamed):
+        for name, value in whole.state_tensors().items():
+            torch.testing.assert_close(other.state_tensors()[name], value, rtol=1e-12, atol=1e-9)
+
+
+def test_dead_and_constant_features_give_zero_not_nan():
+    x_a, x_b = correlated(200, 4)
+    x_a[:, 1] = 0.0  # dead
+    x_b[:, 2] = 3.25  # constant
+    stats = PairStatistics(4)
+    stats.update(x_a, x_b)
+    corr = stats.correlation()
+    assert torch.isfinite(corr).all()
+    assert (corr[1] == 0).all() and (corr[:, 2] == 0).all()
+    assert corr.abs().max() <= 1.0
+
+
+def test_rectangular_and_bad_shapes():
+    stats = PairStatistics(3, 5)
+    stats.update(torch.randn(10, 3), torch.randn(10, 5))
+    assert stats.correlation().shape == (3, 5)
+    with pytest.raises(DataError, match="same N"):
+        stats.update(torch.randn(10, 3), torch.randn(9, 5))
+    with pytest.raises(DataError, match="width"):
+        stats.update(torch.randn(10, 4), torch.randn(10, 5))
+    with pytest.raises(DataError, match="no tokens"):
+        PairStatistics(3).correlation()
+
+
+def test_averaged_covariance_over_points():
+    x_a, x_b = correlated(400, 4, seed=1)
+    y_a, y_b = correlated(400, 4, seed=2)
+    p, q = PairStatistics(4), PairStatistics(4)
+    p.update(x_a, x_b)
+    q.update(y_a, y_b)
+    (cov_p, var_ap, var_bp, *_), (cov_q, var_aq, var_bq, *_) = p.moments(), q.moments()
+    expected = (cov_p + cov_q) / 2 / torch.outer((var_ap + var_aq) / 2, (var_bp + var_bq) / 2).sqrt()
+    torch.testing.assert_close(correlation_from_moments([p.moments(), q.moments()]), expected)
+    torch.testing.assert_close(correlation_from_moments([p.moments()]), p.correlation())
+
+
+def tiny_spec(layers: int = 2):
+    config = BertConfig(
+        vocab_size=20,
+        hidden_size=8,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=12,
+        max_position_embeddings=8,
+    )
+    return bert_spec(config, "BertModel")
+
+
+def features_for(spec, n: int, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        group: {p.key: torch.randn(n, spec.groups[group].size, generator=generator) for p in spec.points[group]}
+        for group in spec.groups
+    }
+
+
+def test_merge_statistics_memory_is_independent_of_tokens():
+    spec = tiny_spec()
+    stats = MergeStatistics(spec)
+    size = stats.nbytes()
+    for seed in range(5):
+        stats.update_from_features(features_for(spec, 1000, seed), features_for(spec, 1000, seed + 10))
+    assert stats.nbytes() == size
+    assert stats.token_count == 5000
+    assert stats.correlation("res").shape == (8, 8)
+    assert stats.correlation("res", slice(0, 1)).shape == (8, 8)
+
+
+def test_state_tensors_simulated_all_reduce():
+    spec = tiny_spec()
+    ranks = [MergeStatistics(spec) for _ in range(2)]
+    combined = MergeStatistics(spec)
+    for seed, rank in enumerate(ranks):
+        feats_a, feats_b = features_for(spec, 50, seed), features_for(spec, 50, seed + 10)
+        rank.update_from_features(feats_a, feats_b)
+        combined.update_from_features(feats_a, feats_b)
+    reduced = {key: sum(rank.state_tensors()[key] for rank in ranks) for key in ranks[0].state_tensors()}
+    ranks[0].load_state_tensors(reduced)
+    for key, value in combined.state_tensors().items():
+        torch.testing.assert_close(ranks[0].state_tensors()[key], value, rtol=1e-12, atol=1e-9)
+
+
+def test_statistics_from_another_spec_are_refused():
+    stats = MergeStatistics(tiny_spec(2))
+    with pytest.raises(ArchitectureMismatch, match="statistics and models differ in num_hidden_layers: 2 vs 3"):
+        stats.check_spec(tiny_spec(3))
+    with pytest.raises(ArchitectureMismatch, match="num_hidden_layers"):
+        stats.merge(MergeStatistics(tiny_spec(3)))
+    partial = MergeStatistics(tiny_spec(2), groups=["ff.0"])
+    with pytest.raises(ConfigError, match="no group 'res'"):
+        partial.check_spec(tiny_spec(2), ["res"])
+    with pytest.raises(ConfigError, match="no group 'ff.9'"):
+        MergeStatistics(tiny_spec(2), groups=["ff.9"])

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.utilities import rank_zero_only
+from torch import Tensor
 
+from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
+from lightning_merge.merge.features import FeatureRecorder
+from lightning_merge.merge.methods import get_method
+from lightning_merge.merge.stats import MergeStatistics
 
 
 class HFExport(pl.Callback):
@@ -30,3 +38,53 @@ class HFExport(pl.Callback):
             pl_module.model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+
+class MergeCallback(pl.Callback):
+    """Gather matching statistics of a `PairModule`'s validation pass and fit every method's permutations.
+
+    At validation start it hooks the feature points of both models; after each batch it adds the batch's token
+    features to float64 sums; at validation end it removes the hooks, all-reduces the sums across ranks and solves
+    the permutations once per method (identically on every rank, since every rank holds the same sums).
+
+    Args:
+        methods: merge method names (see ``lightning_merge.merge.methods``).
+        special_token_ids: token ids to leave out of the statistics (the paper keeps special tokens: None).
+    """
+
+    def __init__(self, methods: Sequence[str], special_token_ids: Sequence[int] | None = None) -> None:
+        self.methods = {name: get_method(name) for name in methods}
+        self.special_token_ids = list(special_token_ids) if special_token_ids else None
+        self.statistics: MergeStatistics | None = None
+        self.permutations: dict[str, dict[str, Tensor]] = {}
+        self._recorders: list[FeatureRecorder] = []
+        self._special_ids: Tensor | None = None
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        spec = pl_module.spec
+        wanted = {g for method in self.methods.values() for g in method.group_names(spec)}
+        groups = [g for g in spec.groups if g in wanted]
+        self.statistics = MergeStatistics(spec, groups, device=pl_module.device)
+        self._recorders = [FeatureRecorder(model, spec, groups) for model in (pl_module.model_a, pl_module.model_b)]
+        for recorder in self._recorders:
+            recorder.register()
+        if self.special_token_ids:
+            self._special_ids = torch.tensor(self.special_token_ids, device=pl_module.device)
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        special = torch.isin(batch["input_ids"], self._special_ids) if self._special_ids is not None else None
+        features_a, features_b = (r.pop(batch["attention_mask"], special) for r in self._recorders)
+        self.statistics.update_from_features(features_a, features_b)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for recorder in self._recorders:
+            recorder.remove()
+        self._recorders = []
+        reduced = {k: trainer.strategy.reduce(t, reduce_op="sum") for k, t in self.statistics.state_tensors().items()}
+        self.statistics.load_state_tensors(reduced)
+        if self.statistics.points and self.statistics.token_count == 0:
+            raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
+        self.permutations = {name: method.fit(self.statistics, pl_module.spec) for name, method in self.methods.items()}

@@ -10,6 +10,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from lightning_merge.errors import LightningMergeError
+from lightning_merge.trainer import MergeTrainer
 
 SEED_PLACEHOLDER = "{seed}"
 
@@ -29,7 +30,11 @@ def _fill_seed(value: Any, seed: int) -> Any:
 
 
 class LightningMergeCLI(LightningCLI):
-    """LightningCLI whose run dirs may name the seed (``checkpoints/mlm/seed{seed}``)."""
+    """LightningCLI with a ``merge`` subcommand, whose run dirs may name the seed (``checkpoints/mlm/seed{seed}``)."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "merge": {"model", "datamodule"}}
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -41,6 +46,7 @@ class LightningMergeCLI(LightningCLI):
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMergeCLI:
     """Build (and by default run) the CLI; tests call this with ``args`` instead of going through a subprocess."""
     return LightningMergeCLI(
+        trainer_class=MergeTrainer,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -1,0 +1,194 @@
+"""Linear interpolation θ(λ) = (1−λ)·θ_A + λ·π(θ_B) between two state dicts, and loss barriers (pure functions).
+
+Floating tensors are interpolated in at least float32 and cast back to their dtype; non-floating buffers
+(``position_ids``) are taken from A; tied weights (two names, one storage, e.g. the MLM decoder and the word
+embeddings) stay one tensor in the result, and `load_state_dict_tied` checks the tie survives loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lightning_merge.errors import ArchitectureMismatch, ConfigError
+
+StateDict = Mapping[str, torch.Tensor]
+_ENDPOINT_TOLERANCE = 1e-9
+
+
+def find_ties(state_dict: StateDict) -> dict[str, str]:
+    """Alias name -> source name for entries that share storage with an earlier entry (same view of it)."""
+    seen: dict[tuple, str] = {}
+    ties: dict[str, str] = {}
+    for name, tensor in state_dict.items():
+        if tensor.numel() == 0:
+            continue
+        view = (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tensor.stride())
+        if view in seen:
+            ties[name] = seen[view]
+        else:
+            seen[view] = name
+    return ties
+
+
+def _check_same_keys(sd_a: StateDict, sd_b: StateDict) -> None:
+    for name in list(sd_a) + list(sd_b):
+        if name not in sd_a or name not in sd_b:
+            side = "B" if name in sd_a else "A"
+            raise ArchitectureMismatch(f"state dicts differ: {name} is missing from {side}")
+        if sd_a[name].shape != sd_b[name].shape:
+            raise ArchitectureMismatch(
+                f"state dicts differ in {name}: shape {tuple(sd_a[name].shape)} vs {tuple(sd_b[name].shape)}"
+            )
+
+
+def _math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # half precision is interpolated in float32
+
+
+def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
+    """θ(λ) = (1−λ)·θ_A + λ·θ_B, exact at λ = 0 and 1.
+
+    Args:
+        sd_a: state dict of model A.
+        sd_b: state dict of model B, already permuted into A's basis.
+        lam: interpolation weight of B.
+
+    Returns:
+        A new state dict in A's key order; non-floating entries come from A, A's tied entries share one tensor.
+
+    Raises:
+        ArchitectureMismatch: the key sets or shapes differ.
+    """
+    _check_same_keys(sd_a, sd_b)
+    ties = find_ties(sd_a)
+    out: dict[str, torch.Tensor] = {}
+    for name, a in sd_a.items():
+        if name in ties:
+            out[name] = out[ties[name]]
+        elif torch.is_floating_point(a):
+            dtype = _math_dtype(a.dtype)
+            out[name] = torch.lerp(a.to(dtype), sd_b[name].to(a.device, dtype), lam).to(a.dtype)
+        else:
+            out[name] = a
+    return out
+
+
+@dataclass
+class InterpolationPath:
+    """θ(λ) = base + λ·delta with base = θ_A, delta = π(θ_B) − θ_A, precomputed once for many λ.
+
+    `at` returns a dict fit for ``torch.func.functional_call(model, path.at(lam), args)`` or `load_state_dict_tied`.
+    """
+
+    base: dict[str, torch.Tensor]
+    delta: dict[str, torch.Tensor]
+    ties: dict[str, str]
+
+    @classmethod
+    def from_state_dicts(cls, sd_a: StateDict, sd_b: StateDict) -> InterpolationPath:
+        """Precompute the path from A to (permuted) B; see `interpolate_state_dicts` for the conventions."""
+        _check_same_keys(sd_a, sd_b)
+        ties = find_ties(sd_a)
+        delta = {
+            name: sd_b[name].to(a.device, _math_dtype(a.dtype)) - a.to(_math_dtype(a.dtype))
+            for name, a in sd_a.items()
+            if torch.is_floating_point(a) and name not in ties
+        }
+        return cls(dict(sd_a), delta, ties)
+
+    def at(self, lam: float) -> dict[str, torch.Tensor]:
+        """The state dict at ``lam`` (tied entries share one tensor)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, base in self.base.items():
+            if name in self.ties:
+                out[name] = out[self.ties[name]]
+            elif name in self.delta:
+                delta = self.delta[name]
+                out[name] = torch.add(base.to(delta.dtype), delta, alpha=lam).to(base.dtype)
+            else:
+                out[name] = base
+        return out
+
+
+def load_state_dict_tied(model: torch.nn.Module, state_dict: StateDict) -> None:
+    """Load ``state_dict`` into ``model`` and check that the model's tied weights are still tied.
+
+    Tied aliases may be absent from ``state_dict``; if present they must equal their source.
+
+    Raises:
+        ArchitectureMismatch: keys are missing/unexpected, tied entries disagree, or loading broke a tie.
+    """
+    ties = find_ties(model.state_dict())
+    for alias, source in ties.items():
+        if alias in state_dict and source in state_dict and not torch.equal(state_dict[alias], state_dict[source]):
+            raise ArchitectureMismatch(f"tied weights {alias} and {source} differ in the state dict")
+    missing, unexpected = model.load_state_dict(dict(state_dict), strict=False)
+    missing = [name for name in missing if name not in ties]
+    if missing or unexpected:
+        problem = f"lacks {missing[0]}" if missing else f"has unexpected {unexpected[0]}"
+        raise ArchitectureMismatch(f"state dict {problem} for {type(model).__name__}")
+    broken = [alias for alias, source in ties.items() if alias not in find_ties(model.state_dict())]
+    if broken:
+        raise ArchitectureMismatch(f"loading untied {broken[0]} from {ties[broken[0]]}")
+
+
+def lambda_grid(step: float = 0.05) -> list[float]:
+    """λ from 0 to 1 in ``step`` increments, endpoints exact (the paper uses 0.05)."""
+    if not 0 < step <= 1:
+        raise ConfigError(f"lambda step must be in (0, 1], got {step}")
+    count = round(1 / step)
+    return [i / count for i in range(count + 1)]
+
+
+def _check_lambdas(lambdas: Sequence[float], losses: Sequence[float]) -> np.ndarray:
+    grid = np.asarray(lambdas, dtype=np.float64)
+    if grid.ndim != 1 or len(grid) != len(losses) or len(grid) < 2:
+        raise ConfigError(f"need one loss per lambda and at least two lambdas, got {len(grid)} and {len(losses)}")
+    if (grid < -_ENDPOINT_TOLERANCE).any() or (grid > 1 + _ENDPOINT_TOLERANCE).any():
+        raise ConfigError(f"lambdas must lie within [0, 1], got {grid.min()}..{grid.max()}")
+    for endpoint in (0.0, 1.0):
+        if not (np.abs(grid - endpoint) <= _ENDPOINT_TOLERANCE).any():
+            raise ConfigError(f"the lambda grid must contain {endpoint:g} (the endpoints define the barrier)")
+    if len(np.unique(grid)) != len(grid):
+        raise ConfigError("the lambda grid has duplicate values")
+    return grid
+
+
+def check_lambdas(lambdas: Sequence[float]) -> list[float]:
+    """Validate a λ grid (within [0, 1], containing 0 and 1, no duplicates) before any curve is computed."""
+    return _check_lambdas(lambdas, list(lambdas)).tolist()
+
+
+def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> dict[str, float]:
+    """Loss barrier of an interpolation curve, in both published forms.
+
+    Args:
+        lambdas: the λ grid; must lie in [0, 1] and contain 0 and 1.
+        losses: L(θ(λ)) for each λ.
+
+    Returns:
+        ``barrier``: max over λ of L(λ) − ((1−λ)L(0) + λL(1)), with ``barrier_lambda`` its argmax;
+        ``barrier_midpoint``: max over λ of L(λ) − ½(L(0) + L(1)), with ``barrier_midpoint_lambda``;
+        ``loss_a`` = L(0), ``loss_b`` = L(1).
+
+    Raises:
+        ConfigError: the grid is not a valid λ grid or does not match the losses.
+    """
+    grid = _check_lambdas(lambdas, losses)
+    values = np.asarray(losses, dtype=np.float64)
+    loss_a = float(values[np.argmin(np.abs(grid))])
+    loss_b = float(values[np.argmin(np.abs(grid - 1))])
+    linear = values - ((1 - grid) * loss_a + grid * loss_b)
+    midpoint = values - 0.5 * (loss_a + loss_b)
+    return {
+        "barrier": float(linear.max()),
+        "barrier_lambda": float(grid[int(np.argmax(linear))]),
+        "barrier_midpoint": float(midpoint.max()),
+        "barrier_midpoint_lambda": float(grid[int(np.argmax(midpoint))]),
+        "loss_a": loss_a,
+        "loss_b": loss_b,
+    }

@@ -1,0 +1,204 @@
+"""The two modules of a merge: `PairModule` (statistics pass) and `InterpolationModule` (barrier curves).
+
+`PairModule`'s validation loop runs models A and B on the same batches, so the `MergeCallback`'s hooks see both.
+`InterpolationModule` adds a test loop that evaluates every batch at every (method, λ) with the parameters
+θ(λ) = (1−λ)θ_A + λπ(θ_B) passed through ``torch.func.functional_call``: no model is rebuilt or copied per point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchmetrics
+from torch import Tensor, nn
+from torch.func import functional_call
+from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
+
+from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
+from lightning_merge.merge.interpolate import check_lambdas, loss_barrier
+from lightning_merge.merge.permute import apply_permutations
+from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
+from lightning_merge.models import load_pretrained
+from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
+
+
+@dataclass(frozen=True)
+class Task:
+    """What kind of model a merge loads and how its loss is evaluated."""
+
+    model_class: type[PreTrainedModel]
+    objective_class: type[nn.Module]
+
+
+TASKS: dict[str, Task] = {
+    "masked_lm": Task(BertForMaskedLM, MaskedLMObjective),
+    "sequence_classification": Task(BertForSequenceClassification, SequenceClassificationObjective),
+}
+
+DEFAULT_LAMBDAS = tuple(round(0.1 * i, 10) for i in range(11))
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise UnknownNameError(f"unknown merge task {name!r}; known: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def encoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+class PairModule(pl.LightningModule):
+    """Models A and B of one architecture; validation runs both encoders on each batch (for feature hooks).
+
+    Args:
+        model_a: HF directory, our ``.ckpt`` or hub id of the reference model (keeps its neuron order).
+        model_b: the model that gets permuted into A's basis.
+        task: ``masked_lm`` or ``sequence_classification``.
+    """
+
+    def __init__(self, model_a: str, model_b: str, task: str = "masked_lm") -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        model_class = get_task(task).model_class
+        self.model_a = load_pretrained(model_a, model_class).eval()
+        self.model_b = load_pretrained(model_b, model_class).eval()
+        self.spec: PermutationSpec = spec_for_pair(self.model_a, self.model_b)
+        self._check_vocab()
+
+    def _check_vocab(self) -> None:
+        vocab_a, vocab_b = self.model_a.config.vocab_size, self.model_b.config.vocab_size
+        if vocab_a != vocab_b:
+            raise ArchitectureMismatch(f"model_a and model_b differ in vocab_size: {vocab_a} vs {vocab_b}")
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise `ArchitectureMismatch` unless ``tokenizer`` (if any) has the models' vocabulary size."""
+        if tokenizer is not None and len(tokenizer) != self.model_a.config.vocab_size:
+            raise ArchitectureMismatch(
+                f"the data's tokenizer has {len(tokenizer)} tokens but the models' vocab_size is "
+                f"{self.model_a.config.vocab_size}; point the datamodule's tokenizer at model_a's directory"
+            )
+
+    @torch.no_grad()
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        inputs = encoder_inputs(batch)
+        self.model_a.base_model(**inputs)  # the hooks sit in the encoder; the heads are not needed for features
+        self.model_b.base_model(**inputs)
+
+    def configure_optimizers(self) -> None:
+        return None
+
+
+class CurveSums(torchmetrics.Metric):
+    """Summed loss and item count per (method, λ); sums reduce exactly across DDP ranks."""
+
+    full_state_update = False
+
+    def __init__(self, num_methods: int, num_lambdas: int) -> None:
+        super().__init__()
+        shape = (num_methods, num_lambdas)
+        self.add_state("loss_sum", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, method: int, lam: int, loss_sum: Tensor, count: Tensor) -> None:
+        self.loss_sum[method, lam] += loss_sum.detach().double()
+        self.count[method, lam] += count.detach().double()
+
+    def compute(self) -> Tensor:
+        return self.loss_sum / self.count.clamp(min=1)  # (M, L) mean loss
+
+
+class InterpolationModule(PairModule):
+    """Evaluate the loss (and task metrics) of θ(λ) for every merge method along a λ grid, in the test loop.
+
+    Args:
+        model_a: reference model (see `PairModule`).
+        model_b: model to align to A.
+        task: ``masked_lm`` or ``sequence_classification``.
+        lambdas: the interpolation grid; must contain 0 and 1 and stay within [0, 1].
+    """
+
+    def __init__(
+        self, model_a: str, model_b: str, task: str = "masked_lm", lambdas: Sequence[float] = DEFAULT_LAMBDAS
+    ) -> None:
+        super().__init__(model_a, model_b, task)
+        self.lambdas = [float(x) for x in lambdas]
+        check_lambdas(self.lambdas)
+        self.objective = get_task(task).objective_class(self.model_a)
+        self.methods: dict[str, dict[str, Tensor]] = {}
+        self.curve_sums: CurveSums | None = None
+        self.task_metrics = nn.ModuleList()
+        self.results: dict | None = None
+
+    def set_methods(
+        self, permutations: Mapping[str, Mapping[str, Tensor]], task_metric: torchmetrics.Metric | None = None
+    ) -> None:
+        """Methods to evaluate: name -> permutations of model B (empty mapping: vanilla averaging)."""
+        if not permutations:
+            raise ConfigError("no merge method to evaluate; pass at least one method")
+        self.methods = {name: dict(perms) for name, perms in permutations.items()}
+        self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
+        points = len(self.methods) * len(self.lambdas)
+        self.task_metrics = nn.ModuleList([task_metric.clone() for _ in range(points)] if task_metric else [])
+        self.task_metrics.to(self.device)
+
+    def _parameter_names(self) -> list[str]:
+        return [name for name, _ in self.model_a.named_parameters()]  # tied aliases appear once
+
+    def endpoint_b(self, method: str) -> dict[str, Tensor]:
+        """π(θ_B): model B's parameters permuted by ``method``'s permutations, in A's neuron order."""
+        return apply_permutations(self.model_b.state_dict(), self.spec, self.methods[method])
+
+    def interpolated(self, method: str, lam: float, permuted_b: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """θ(λ) for one method as a parameter dict (names of model A's parameters)."""
+        permuted_b = self.endpoint_b(method) if permuted_b is None else permuted_b
+        params_a = dict(self.model_a.named_parameters())
+        return {name: torch.lerp(params_a[name], permuted_b[name].to(params_a[name]), lam) for name in params_a}
+
+    @torch.no_grad()
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        for m, method in enumerate(self.methods):
+            permuted_b = self.endpoint_b(method)  # once per batch and method; O(params), cheap beside a forward
+            for i, lam in enumerate(self.lambdas):
+                params = {f"model.{k}": v for k, v in self.interpolated(method, lam, permuted_b).items()}
+                output = functional_call(self.objective, params, (batch,))
+                self.curve_sums.update(m, i, output[0], output[1])
+                if self.task_metrics:
+                    self._update_task_metric(m * len(self.lambdas) + i, output[2], batch["labels"])
+
+    def _update_task_metric(self, index: int, logits: Tensor, labels: Tensor) -> None:
+        preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
+        self.task_metrics[index].update(preds, labels)
+
+    def on_test_epoch_end(self) -> None:
+        losses = self.curve_sums.compute().cpu()  # (M, L), already reduced over ranks
+        curves: dict[str, dict[str, list[float]]] = {}
+        barriers: dict[str, dict[str, float]] = {}
+        for m, method in enumerate(self.methods):
+            curves[method] = {"loss": losses[m].tolist()}
+            barriers[method] = loss_barrier(self.lambdas, curves[method]["loss"])
+            if self.task_metrics:
+                self._add_task_curve(m, curves[method], barriers[method])
+            self._log_curve(method, curves[method], barriers[method])
+        self.results = {"lambdas": self.lambdas, "curves": curves, "barriers": barriers}
+
+    def _add_task_curve(self, m: int, curve: dict, barrier: dict) -> None:
+        points = self.task_metrics[m * len(self.lambdas) : (m + 1) * len(self.lambdas)]
+        values = [float(metric.compute()) for metric in points]
+        curve["metric"] = values
+        # a metric should be high: its barrier is the largest drop below the line between the endpoints
+        drops = loss_barrier(self.lambdas, [-v for v in values])
+        barrier.update(metric_barrier=drops["barrier"], metric_barrier_midpoint=drops["barrier_midpoint"])
+        barrier.update(metric_a=values[0], metric_b=values[-1])
+        for metric in points:
+            metric.reset()
+
+    def _log_curve(self, method: str, curve: Mapping[str, list[float]], barrier: Mapping[str, float]) -> None:
+        for lam, loss in zip(self.lambdas, curve["loss"]):
+            self.log(f"test/{method}/loss@lambda={lam:.2f}", loss, rank_zero_only=True)
+        for key, value in barrier.items():
+            self.log(f"test/{key}/{method}", value, rank_zero_only=True)

@@ -1,0 +1,144 @@
+"""`MergeTrainer`: a Lightning Trainer with a ``merge`` entry point (statistics pass, matching, barrier curves)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_only
+from safetensors.torch import save_file
+
+from lightning_merge.callbacks import MergeCallback
+from lightning_merge.errors import ConfigError, OutputExistsError
+from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
+from lightning_merge.merge.methods import get_method
+from lightning_merge.modules.merge import InterpolationModule
+from lightning_merge.report import write_report
+
+# The paper's comparisons: FF alone, FF+attention per attention variant, residual per variant, the full method.
+DEFAULT_METHODS: tuple[str, ...] = (
+    "vanilla",
+    "ff",
+    "ff+attn[head_perm]",
+    "ff+attn[monotonic]",
+    "ff+attn[ignore_heads]",
+    "res[first]",
+    "res[last]",
+    "res[all]",
+    "ff+attn+res",
+)
+
+
+class MergeTrainer(pl.Trainer):
+    """A Trainer that can also ``merge`` two models: see `MergeTrainer.merge`."""
+
+    def merge(
+        self,
+        model: InterpolationModule,
+        datamodule: pl.LightningDataModule | None = None,
+        methods: list[str] | None = None,
+        export_method: str | None = "ff+attn+res",
+        export_lambda: float = 0.5,
+        exclude_special_tokens: bool = False,
+        overwrite: bool = False,
+    ) -> dict[str, Any]:
+        """Align model B to model A with every method and measure the loss barrier of each.
+
+        One statistics pass (validation loop over the datamodule's feature batches) serves every method; the
+        barrier curves come from one test loop. Outputs go to ``trainer.default_root_dir``.
+
+        Args:
+            model: the `InterpolationModule` holding models A and B.
+            datamodule: gives ``features_dataloader()`` (or ``val_dataloader()``) for statistics and
+                ``test_dataloader()`` for the curves.
+            methods: merge method names (default: the paper's comparisons, `DEFAULT_METHODS`).
+            export_method: method whose λ = ``export_lambda`` model is saved to ``merged/`` (None: none).
+            export_lambda: λ of the exported merged model.
+            exclude_special_tokens: leave special tokens out of the statistics.
+            overwrite: replace the outputs of an earlier run in the same directory.
+        """
+        methods = list(methods or DEFAULT_METHODS)
+        run_dir = Path(self.default_root_dir)
+        self._check_request(run_dir, methods, export_method, overwrite)
+        datamodule.setup("test")
+        model.check_tokenizer(getattr(datamodule, "tokenizer", None))
+        timings: dict[str, float] = {}
+        permutations = self._fit_permutations(model, datamodule, methods, exclude_special_tokens, timings)
+        model.set_methods(permutations, _task_metric(datamodule))
+        start = time.perf_counter()
+        self.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+        timings["curves_s"] = time.perf_counter() - start
+        results = {**model.results, "timings": timings}
+        self._write_outputs(run_dir, model, permutations, results, export_method, export_lambda, datamodule)
+        return results
+
+    def _check_request(self, run_dir: Path, methods: list[str], export_method: str | None, overwrite: bool) -> None:
+        for name in methods:
+            get_method(name)  # unknown names fail here, before any work
+        if export_method is not None and export_method not in methods:
+            raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(methods)}")
+        if (run_dir / "barriers.json").exists() and not overwrite:
+            raise OutputExistsError(
+                f"{run_dir} holds an earlier merge; pass --overwrite true or another --trainer.default_root_dir"
+            )
+
+    def _fit_permutations(
+        self, model: InterpolationModule, datamodule: Any, methods: Sequence[str], exclude_special: bool, timings: dict
+    ) -> dict[str, dict[str, torch.Tensor]]:
+        if not any(get_method(name).groups for name in methods):
+            return {name: {} for name in methods}  # nothing to align: no statistics pass needed
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
+        callback = MergeCallback(methods, special_token_ids=special_ids)
+        self.callbacks.append(callback)
+        loader = getattr(datamodule, "features_dataloader", datamodule.val_dataloader)
+        try:
+            start = time.perf_counter()
+            self.validate(model, dataloaders=loader(), verbose=False)
+            timings["statistics_and_matching_s"] = time.perf_counter() - start
+        finally:
+            self.callbacks.remove(callback)
+        timings["statistics_tokens"] = callback.statistics.token_count
+        return callback.permutations
+
+    @rank_zero_only
+    def _write_outputs(
+        self, run_dir: Path, model: InterpolationModule, permutations: dict, results: dict, export_method: str | None,
+        export_lambda: float, datamodule: Any,
+    ) -> None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        flat = {f"{method}/{group}": perm.cpu().contiguous() for method, perms in permutations.items()
+                for group, perm in perms.items()}
+        with atomic_file(run_dir / "permutations.safetensors") as tmp:
+            save_file(flat, str(tmp), metadata={"methods": json.dumps(list(permutations))})
+        table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"], BARRIER_COLUMNS)
+        atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        if export_method is not None:
+            self._export_merged(run_dir / "merged", model, export_method, export_lambda, datamodule)
+        print(f"\nBarriers along the interpolation path ({run_dir}):\n{table}\n", flush=True)
+
+    @staticmethod
+    def _export_merged(path: Path, model: InterpolationModule, method: str, lam: float, datamodule: Any) -> None:
+        merged = copy.deepcopy(model.model_a)  # keeps buffers and the decoder/embedding tie
+        with torch.no_grad():
+            for name, value in model.interpolated(method, lam).items():
+                merged.get_parameter(name).copy_(value)
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        with atomic_dir(path, overwrite=True) as tmp:
+            merged.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+
+
+BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "metric_barrier", "metric_a", "metric_b")
+
+
+def _task_metric(datamodule: Any) -> Any:
+    factory = getattr(datamodule, "merge_metric", None)
+    return factory() if callable(factory) else None

@@ -1,0 +1,139 @@
+"""The merge pipeline end to end on tiny models: statistics pass, matching, curves, outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+
+from lightning_merge.errors import ArchitectureMismatch, ConfigError, OutputExistsError, UnknownNameError
+from lightning_merge.merge.permute import apply_permutations, invert_permutation, random_permutations
+from lightning_merge.merge.spec import spec_for_model
+from lightning_merge.modules.merge import InterpolationModule
+from lightning_merge.trainer import MergeTrainer
+
+VOCAB = 40
+
+
+class RandomTokens(pl.LightningDataModule):
+    """Random token blocks with fixed masks: enough to exercise every code path of a merge."""
+
+    def __init__(self, blocks: int = 16, length: int = 12) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.input_ids = torch.randint(5, VOCAB, (blocks, length), generator=generator)
+        self.attention_mask = torch.ones_like(self.input_ids)
+        self.attention_mask[::3, -4:] = 0  # some padding
+        masked = (torch.rand(self.input_ids.shape, generator=generator) < 0.3) & self.attention_mask.bool()
+        self.labels = torch.where(masked, self.input_ids, -100)
+        self.tokenizer = None
+
+    def _loader(self, with_labels: bool) -> DataLoader:
+        rows = [
+            {"input_ids": i, "attention_mask": m, **({"labels": label} if with_labels else {})}
+            for i, m, label in zip(self.input_ids, self.attention_mask, self.labels)
+        ]
+        return DataLoader(rows, batch_size=4)
+
+    def features_dataloader(self) -> DataLoader:
+        return self._loader(False)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(True)
+
+    test_dataloader = val_dataloader
+
+
+def fit_briefly(model: BertForMaskedLM, data: RandomTokens, steps: int = 60) -> BertForMaskedLM:
+    """Overfit a few steps, so that averaging with a misaligned copy costs loss (random weights barely do)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = next(iter(DataLoader(list(data.val_dataloader().dataset), batch_size=len(data.input_ids))))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    return model
+
+
+def tiny_config(**overrides) -> BertConfig:
+    kwargs = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                  max_position_embeddings=32)
+    return BertConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def permuted_pair(tmp_path_factory):
+    """Model A, and model B = A with planted random permutations of every group."""
+    root = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(1)
+    model = fit_briefly(BertForMaskedLM(tiny_config()), RandomTokens()).eval()
+    spec = spec_for_model(model)
+    planted = random_permutations(spec, torch.Generator().manual_seed(3))
+    model.save_pretrained(root / "a")
+    model.load_state_dict(apply_permutations(model.state_dict(), spec, planted))
+    model.save_pretrained(root / "b")
+    return root / "a", root / "b", planted
+
+
+def merge(tmp_path, model_a, model_b, methods, **kwargs):
+    trainer = MergeTrainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                           enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"))
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.25, 0.5, 0.75, 1])
+    return trainer.merge(module, RandomTokens(), methods=methods, **kwargs)
+
+
+def test_merge_with_permuted_self_is_flat_only_when_aligned(tmp_path, permuted_pair) -> None:
+    model_a, model_b, planted = permuted_pair
+    results = merge(tmp_path, model_a, model_b, ["vanilla", "ff+attn+res"])
+    barriers = results["barriers"]
+    assert barriers["ff+attn+res"]["barrier"] <= 1e-4
+    assert barriers["vanilla"]["barrier"] > 1e-2
+    losses = results["curves"]["ff+attn+res"]["loss"]
+    assert max(losses) - min(losses) <= 1e-4  # the whole path is one function
+    run = tmp_path / "run"
+    perms = load_file(run / "permutations.safetensors")
+    for group, perm in planted.items():
+        assert torch.equal(perms[f"ff+attn+res/{group}"], invert_permutation(perm)), group
+    assert json.loads((run / "barriers.json").read_text())["vanilla"]["barrier"] == barriers["vanilla"]["barrier"]
+    assert (run / "curves.csv").read_text().startswith("method,lambda,loss")
+    assert (run / "barrier.png").stat().st_size > 0
+    merged = AutoModelForMaskedLM.from_pretrained(run / "merged")
+    assert merged.cls.predictions.decoder.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
+def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    merge(tmp_path, model_a, model_b, ["vanilla"], export_method=None)
+    before = (tmp_path / "run" / "barriers.json").read_text()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge(tmp_path, model_a, model_b, ["vanilla"], export_method=None)
+    assert (tmp_path / "run" / "barriers.json").read_text() == before
+
+
+def test_unknown_method_fails_before_any_work(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    with pytest.raises(UnknownNameError, match="zipit"):
+        merge(tmp_path, model_a, model_b, ["vanilla", "zipit"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("lambdas", [[0.0, 0.5], [0.5, 1.0], [0.0, 1.0, 1.5]])
+def test_bad_lambda_grid(permuted_pair, lambdas) -> None:
+    model_a, model_b, _ = permuted_pair
+    with pytest.raises(ConfigError):
+        InterpolationModule(str(model_a), str(model_b), lambdas=lambdas)
+
+
+def test_different_architectures_are_refused(tmp_path, permuted_pair) -> None:
+    model_a, _, _ = permuted_pair
+    BertForMaskedLM(tiny_config(intermediate_size=48)).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ArchitectureMismatch, match="intermediate_size"):
+        InterpolationModule(str(model_a), str(tmp_path / "wide"))
+    BertForMaskedLM(tiny_config(vocab_size=VOCAB + 1)).save_pretrained(tmp_path / "vocab")
+    with pytest.raises(ArchitectureMismatch, match="vocab_size"):
+        InterpolationModule(str(model_a), str(tmp_path / "vocab"))

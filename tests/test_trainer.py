@@ -81,8 +81,8 @@ def permuted_pair(tmp_path_factory):
 
 
 def merge(tmp_path, model_a, model_b, methods, **kwargs):
-    trainer = MergeTrainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                           enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path / "run"))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
     module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.25, 0.5, 0.75, 1])
     return trainer.merge(module, RandomTokens(), methods=methods, **kwargs)
 

@@ -153,7 +153,9 @@ class InterpolationModule(PairModule):
         """π(θ_B): model B's parameters permuted by ``method``'s permutations, in A's neuron order."""
         return apply_permutations(self.model_b.state_dict(), self.spec, self.methods[method])
 
-    def interpolated(self, method: str, lam: float, permuted_b: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def interpolated(
+        self, method: str, lam: float, permuted_b: Mapping[str, Tensor] | None = None
+    ) -> dict[str, Tensor]:
         """θ(λ) for one method as a parameter dict (names of model A's parameters)."""
         permuted_b = self.endpoint_b(method) if permuted_b is None else permuted_b
         params_a = dict(self.model_a.named_parameters())

@@ -1,0 +1,105 @@
+"""Correlation -> permutation: Hungarian matching (``scipy.optimize.linear_sum_assignment``, maximised).
+
+Every function takes a correlation matrix ``corr`` (d, d) with rows = A's features and columns = B's and returns a
+LongTensor ``perm`` with ``perm[i]`` = the B feature that goes to position i (A keeps its order, B is permuted), the
+orientation `lightning_merge.merge.permute.apply_permutations` expects. The signed correlation is matched.
+
+Attention variants (Verma & Elbayad 2024, §3.2): `match_head_perm`, `match_monotonic` and `match_ignore_heads`.
+Residual variants pick which feature points feed the correlation: `RESIDUAL_POINTS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from lightning_merge.errors import DataError
+
+
+def match_features(corr: torch.Tensor) -> torch.Tensor:
+    """One Hungarian assignment over all features: ``perm[i]`` = B feature matched to A feature i."""
+    _check_square(corr)
+    rows, cols = linear_sum_assignment(_as_numpy(corr), maximize=True)
+    perm = np.empty(len(rows), dtype=np.int64)
+    perm[rows] = cols
+    return torch.from_numpy(perm)
+
+
+def match_head_perm(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Head-Perm: for every (head of A, head of B) solve the within-head assignment and keep its total correlation;
+    pair heads by a num_heads x num_heads assignment on those totals; compose the head pairing with the inner ones.
+    Function-preserving (heads move whole).
+    """
+    blocks = _head_blocks(corr, num_heads)  # (H_a, H_b, hd, hd)
+    inner = [[_assign(blocks[h_a, h_b]) for h_b in range(num_heads)] for h_a in range(num_heads)]
+    scores = np.array([[total for _, total in row] for row in inner])
+    head_of_a = match_features(torch.from_numpy(scores)).numpy()
+    return _compose(num_heads, corr.shape[0] // num_heads, head_of_a, lambda h: inner[h][head_of_a[h]][0])
+
+
+def match_monotonic(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Monotonic: head j of A is paired with head j of B only; dims are assigned within each head.
+    Function-preserving.
+    """
+    blocks = _head_blocks(corr, num_heads)
+    head_of_a = np.arange(num_heads)
+    return _compose(num_heads, corr.shape[0] // num_heads, head_of_a, lambda h: _assign(blocks[h, h])[0])
+
+
+def match_ignore_heads(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Ignore-Heads: one d x d assignment that may move features across heads.
+
+    NOT function-preserving: a feature moved into another head joins that head's softmax(QKᵀ), so the permuted
+    model computes a different function. It is a baseline of the paper, kept for comparison.
+    """
+    return match_features(corr)
+
+
+ATTENTION_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "head_perm": match_head_perm,
+    "monotonic": match_monotonic,
+    "ignore_heads": match_ignore_heads,
+}
+FUNCTION_PRESERVING_ATTENTION = {"head_perm": True, "monotonic": True, "ignore_heads": False}
+
+# Residual variants: which of the residual feature points (embeddings LayerNorm, then per layer the attention and
+# FF LayerNorms) feed the correlation; several points have their covariances averaged, as in the paper.
+RESIDUAL_POINTS: dict[str, slice] = {"all": slice(None), "first": slice(0, 1), "last": slice(-1, None)}
+
+
+def _assign(block: torch.Tensor) -> tuple[np.ndarray, float]:
+    """Within-block assignment: (cols in A's row order, total matched correlation)."""
+    values = _as_numpy(block)
+    rows, cols = linear_sum_assignment(values, maximize=True)
+    ordered = np.empty(len(rows), dtype=np.int64)
+    ordered[rows] = cols
+    return ordered, float(values[rows, cols].sum())
+
+
+def _head_blocks(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
+    _check_square(corr)
+    if corr.shape[0] % num_heads:
+        raise DataError(f"correlation of size {corr.shape[0]} cannot be split into {num_heads} heads")
+    head_dim = corr.shape[0] // num_heads
+    # (H*hd, H*hd) -> (H_a, hd, H_b, hd) -> (H_a, H_b, hd, hd)
+    return corr.reshape(num_heads, head_dim, num_heads, head_dim).permute(0, 2, 1, 3)
+
+
+def _compose(num_heads: int, head_dim: int, head_of_a: np.ndarray, inner: Callable[[int], np.ndarray]) -> torch.Tensor:
+    """perm[h*hd + j] = head_of_a[h]*hd + inner(h)[j]: B's head and within-head dim that go to A's (h, j)."""
+    perm = [head_of_a[h] * head_dim + inner(h) for h in range(num_heads)]
+    return torch.from_numpy(np.concatenate(perm).astype(np.int64))
+
+
+def _check_square(corr: torch.Tensor) -> None:
+    if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
+        raise DataError(f"matching needs a square correlation matrix, got shape {tuple(corr.shape)}")
+    if not torch.isfinite(corr).all():
+        raise DataError("correlation has NaN or inf entries; statistics are corrupt")
+
+
+def _as_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()

@@ -1,0 +1,122 @@
+"""Interpolation between state dicts (exact endpoints, ties kept, dtypes kept) and loss barriers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+from lightning_merge.errors import ArchitectureMismatch, ConfigError
+from lightning_merge.merge.interpolate import (
+    InterpolationPath,
+    find_ties,
+    interpolate_state_dicts,
+    lambda_grid,
+    load_state_dict_tied,
+    loss_barrier,
+)
+
+
+def tiny_mlm(seed: int) -> BertForMaskedLM:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=30,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    return BertForMaskedLM(config).eval()
+
+
+def test_endpoints_exact_and_midpoint_average():
+    sd_a, sd_b = tiny_mlm(0).state_dict(), tiny_mlm(1).state_dict()
+    for lam, expected in ((0.0, sd_a), (1.0, sd_b)):
+        out = interpolate_state_dicts(sd_a, sd_b, lam)
+        assert all(torch.equal(out[name], expected[name]) for name in sd_a)
+    mid = interpolate_state_dicts(sd_a, sd_b, 0.5)
+    name = "bert.encoder.layer.0.intermediate.dense.weight"
+    torch.testing.assert_close(mid[name], (sd_a[name] + sd_b[name]) / 2)
+
+
+def test_ties_kept_and_loaded():
+    sd_a, sd_b = tiny_mlm(0).state_dict(), tiny_mlm(1).state_dict()
+    out = interpolate_state_dicts(sd_a, sd_b, 0.3)
+    assert out["cls.predictions.decoder.weight"] is out["bert.embeddings.word_embeddings.weight"]
+    assert find_ties(out) == find_ties(sd_a)
+    model = tiny_mlm(2)
+    load_state_dict_tied(model, out)
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, out["cls.predictions.decoder.weight"])
+
+
+def test_non_float_from_a_and_half_precision_kept():
+    sd_a = {"w": torch.ones(3, dtype=torch.bfloat16), "ids": torch.arange(3)}
+    sd_b = {"w": torch.full((3,), 3.0, dtype=torch.bfloat16), "ids": torch.arange(3) + 5}
+    out = interpolate_state_dicts(sd_a, sd_b, 0.25)
+    assert out["w"].dtype == torch.bfloat16 and torch.equal(out["w"], torch.full((3,), 1.5, dtype=torch.bfloat16))
+    assert out["ids"] is sd_a["ids"]
+
+
+def test_path_matches_direct_interpolation_and_functional_call():
+    model_a, model_b = tiny_mlm(0), tiny_mlm(1)
+    path = InterpolationPath.from_state_dicts(model_a.state_dict(), model_b.state_dict())
+    direct = interpolate_state_dicts(model_a.state_dict(), model_b.state_dict(), 0.4)
+    at = path.at(0.4)
+    for name, value in direct.items():
+        torch.testing.assert_close(at[name], value)
+    ids = torch.randint(0, 30, (2, 5))
+    with torch.no_grad():
+        functional = torch.func.functional_call(model_a, at, (ids,)).logits
+        load_state_dict_tied(model_b, direct)
+        torch.testing.assert_close(functional, model_b(ids).logits)
+
+
+def test_mismatched_state_dicts():
+    sd_a = tiny_mlm(0).state_dict()
+    with pytest.raises(ArchitectureMismatch, match="extra is missing from A"):
+        interpolate_state_dicts(sd_a, {**sd_a, "extra": torch.zeros(1)}, 0.5)
+    with pytest.raises(ArchitectureMismatch, match="differ in cls.predictions.bias: shape"):
+        interpolate_state_dicts(sd_a, {**sd_a, "cls.predictions.bias": torch.zeros(31)}, 0.5)
+    model = tiny_mlm(0)
+    bad = dict(sd_a)
+    bad["cls.predictions.decoder.weight"] = bad["cls.predictions.decoder.weight"] + 1
+    with pytest.raises(ArchitectureMismatch, match="tied weights"):
+        load_state_dict_tied(model, bad)
+
+
+def test_loss_barrier_both_forms():
+    lambdas = [0.0, 0.25, 0.5, 0.75, 1.0]
+    losses = [1.0, 2.0, 3.0, 2.5, 2.0]
+    result = loss_barrier(lambdas, losses)
+    assert result["barrier"] == pytest.approx(1.5)  # 3.0 - (0.5*1 + 0.5*2)
+    assert result["barrier_lambda"] == 0.5
+    assert result["barrier_midpoint"] == pytest.approx(1.5)
+    assert (result["loss_a"], result["loss_b"]) == (1.0, 2.0)
+    flat = loss_barrier(lambdas, [1.0, 1.25, 1.5, 1.75, 2.0])
+    assert flat["barrier"] == pytest.approx(0.0)
+    assert flat["barrier_midpoint"] == pytest.approx(0.5)  # the midpoint form counts the endpoint gap
+    assert loss_barrier([1.0, 0.0, 0.5], [2.0, 1.0, 1.5])["barrier"] == pytest.approx(0.0)  # order free
+
+
+@pytest.mark.parametrize(
+    ("lambdas", "losses", "message"),
+    [
+        ([0.0, 0.5], [1.0, 1.0], "must contain 1"),
+        ([0.5, 1.0], [1.0, 1.0], "must contain 0"),
+        ([0.0, 1.0, 1.5], [1.0, 1.0, 1.0], r"within \[0, 1\]"),
+        ([0.0, 1.0], [1.0], "one loss per lambda"),
+        ([0.0, 1.0, 1.0], [1.0, 1.0, 1.0], "duplicate"),
+    ],
+)
+def test_loss_barrier_validates_grid(lambdas, losses, message):
+    with pytest.raises(ConfigError, match=message):
+        loss_barrier(lambdas, losses)
+
+
+def test_lambda_grid():
+    grid = lambda_grid(0.05)
+    assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0 and grid[10] == 0.5
+    with pytest.raises(ConfigError):
+        lambda_grid(0.0)

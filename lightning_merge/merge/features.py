@@ -12,13 +12,14 @@ statistics are over real tokens as in the paper.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 
 from lightning_merge.errors import ArchitectureMismatch
 from lightning_merge.merge.spec import FeaturePoint, PermutationSpec
+from lightning_merge.merge.stats import MergeStatistics
 
 Features = dict[str, dict[str, torch.Tensor]]
 
@@ -102,3 +103,45 @@ class FeatureRecorder:
         tokens = {key: value[keep.to(value.device)] for key, value in self._captured.items()}  # (B, T, d) -> (N, d)
         self._captured.clear()
         return {group: {p.key: tokens[p.key] for p in self.spec.points[group]} for group in self.groups}
+
+
+@torch.no_grad()
+def collect_statistics(
+    model_a: torch.nn.Module,
+    model_b: torch.nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    spec: PermutationSpec,
+    groups: Iterable[str] | None = None,
+    device: torch.device | str | None = None,
+) -> MergeStatistics:
+    """Run both models over ``batches`` and accumulate `MergeStatistics` (the plain-PyTorch statistics pass).
+
+    Args:
+        model_a: model A (eval mode is the caller's choice; dropout would add noise to the features).
+        model_b: model B, same spec.
+        batches: dicts of model inputs with an ``attention_mask``; an optional ``special_tokens_mask`` is used to drop
+            special tokens and not passed to the models.
+        spec: the models' spec.
+        groups: groups to collect (default all).
+        device: where the float64 sums live (default: model A's device).
+
+    Returns:
+        The accumulated statistics.
+    """
+    groups = list(spec.groups if groups is None else groups)
+    device = device if device is not None else next(model_a.parameters()).device
+    statistics = MergeStatistics(spec, groups, device=device)
+    with FeatureRecorder(model_a, spec, groups) as recorder_a, FeatureRecorder(model_b, spec, groups) as recorder_b:
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "special_tokens_mask"}
+            special = batch.get("special_tokens_mask")
+            model_a(**_to(inputs, model_a))
+            model_b(**_to(inputs, model_b))
+            mask = inputs["attention_mask"]
+            statistics.update_from_features(recorder_a.pop(mask, special), recorder_b.pop(mask, special))
+    return statistics
+
+
+def _to(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    device = next(model.parameters()).device
+    return {name: value.to(device) for name, value in inputs.items()}

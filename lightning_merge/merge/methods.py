@@ -1,0 +1,163 @@
+"""Merge methods by name: a registry of named methods plus a small grammar for permutation variants.
+
+Names (`get_method`):
+
+- ``vanilla``: no alignment, plain interpolation of θ_A and θ_B.
+- ``permute``: the paper's full method, the same as ``ff+attn[head_perm]+res[all]``.
+- Group syntax, parts joined by ``+`` in any order, each at most once::
+
+      ff                                       feed-forward groups, one assignment per layer
+      attn[head_perm | monotonic | ignore_heads]  attention groups (default head_perm)
+      res[all | first | last]                  the residual stream (default all)
+
+  e.g. ``ff``, ``ff+attn``, ``ff+attn[monotonic]``, ``res[last]``, ``ff+attn+res``.
+
+Each method knows the spec groups it needs statistics for (`MergeMethod.group_names`) and turns statistics into
+perms (`MergeMethod.fit`); the matcher of each group kind is looked up in `GROUP_MATCHERS`, never chosen by ``if``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lightning_merge.errors import UnknownNameError
+from lightning_merge.merge.matching import (
+    ATTENTION_VARIANTS,
+    FUNCTION_PRESERVING_ATTENTION,
+    RESIDUAL_POINTS,
+    match_features,
+)
+from lightning_merge.merge.spec import GROUP_KINDS, PermGroup, PermutationSpec
+from lightning_merge.merge.stats import MergeStatistics
+
+PAPER = (
+    "Verma & Elbayad, Merging Text Transformer Models from Different Initializations, https://arxiv.org/abs/2403.00986"
+)
+VANILLA = "Frankle et al., Linear Mode Connectivity and the Lottery Ticket Hypothesis, https://arxiv.org/abs/1912.05671"
+
+# Variants per group kind; the first is the default. ``ff`` takes none.
+GROUP_VARIANTS: dict[str, tuple[str, ...]] = {
+    "ff": (),
+    "attn": tuple(ATTENTION_VARIANTS),
+    "res": tuple(RESIDUAL_POINTS),
+}
+_PART = re.compile(r"^(?P<kind>\w+)(?:\[(?P<variant>\w+)\])?$")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merge method: which groups it permutes and how, and the paper it implements.
+
+    Attributes:
+        name: the registry name it was requested by.
+        reference: the paper/URL it implements.
+        groups: group kinds it permutes (``ff``, ``attn``, ``res``); empty for no alignment.
+        attention: attention variant, a key of `ATTENTION_VARIANTS`.
+        residual: residual variant, a key of `RESIDUAL_POINTS`.
+    """
+
+    name: str
+    reference: str
+    groups: tuple[str, ...] = ()
+    attention: str = "head_perm"
+    residual: str = "all"
+
+    @property
+    def function_preserving(self) -> bool:
+        """Whether applying its perms leaves B's function unchanged (False only for ``attn[ignore_heads]``)."""
+        return "attn" not in self.groups or FUNCTION_PRESERVING_ATTENTION[self.attention]
+
+    @property
+    def canonical_name(self) -> str:
+        """The name in full group syntax (``vanilla`` when nothing is permuted)."""
+        variants = {"ff": "", "attn": f"[{self.attention}]", "res": f"[{self.residual}]"}
+        return "+".join(kind + variants[kind] for kind in GROUP_KINDS if kind in self.groups) or "vanilla"
+
+    def group_names(self, spec: PermutationSpec) -> list[str]:
+        """The spec groups this method needs statistics for and returns perms of."""
+        return spec.groups_of_kind(self.groups)
+
+    def fit(self, statistics: MergeStatistics, spec: PermutationSpec) -> dict[str, torch.Tensor]:
+        """Perms of B for every group this method permutes (identity elsewhere, i.e. absent).
+
+        Raises:
+            ArchitectureMismatch: the statistics were collected for a different spec.
+            ConfigError: the statistics lack a group this method needs.
+        """
+        names = self.group_names(spec)
+        statistics.check_spec(spec, names)
+        return {name: GROUP_MATCHERS[spec.groups[name].kind](self, statistics, spec.groups[name]) for name in names}
+
+
+def _fit_ff(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
+    return match_features(statistics.correlation(group.name))
+
+
+def _fit_attention(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
+    return ATTENTION_VARIANTS[method.attention](statistics.correlation(group.name), group.num_heads)
+
+
+def _fit_residual(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
+    return match_features(statistics.correlation(group.name, RESIDUAL_POINTS[method.residual]))
+
+
+GROUP_MATCHERS: dict[str, Callable[[MergeMethod, MergeStatistics, PermGroup], torch.Tensor]] = {
+    "ff": _fit_ff,
+    "attn": _fit_attention,
+    "res": _fit_residual,
+}
+
+METHODS: dict[str, MergeMethod] = {
+    "vanilla": MergeMethod("vanilla", VANILLA),
+    "permute": MergeMethod("permute", PAPER, ("ff", "attn", "res")),
+}
+
+
+def register_method(method: MergeMethod) -> None:
+    """Add a named method to the registry (later methods: ``zip``, ``weight_matching``, ...)."""
+    METHODS[method.name] = method
+
+
+def known_names() -> str:
+    """A one-line description of every accepted name, for error messages and ``--help``."""
+    parts = [kind + (f"[{'|'.join(v)}]" if v else "") for kind, v in GROUP_VARIANTS.items()]
+    return f"{', '.join(METHODS)}; or groups {', '.join(parts)} joined by '+', e.g. ff+attn[monotonic]+res[last]"
+
+
+def get_method(name: str) -> MergeMethod:
+    """The method registered as ``name``, or one parsed from the group syntax (see the module docstring).
+
+    Raises:
+        UnknownNameError: the name, a group kind or a variant is unknown, or a group is repeated.
+    """
+    name = name.strip()
+    if name in METHODS:
+        return METHODS[name]
+    kinds: dict[str, str | None] = {}
+    for part in name.split("+"):
+        kind, variant = _parse_part(part.strip(), name)
+        if kind in kinds:
+            raise UnknownNameError(f"method {name!r} names group {kind!r} twice; known: {known_names()}")
+        kinds[kind] = variant
+    return MergeMethod(
+        name,
+        PAPER,
+        tuple(kind for kind in GROUP_KINDS if kind in kinds),
+        attention=kinds.get("attn") or GROUP_VARIANTS["attn"][0],
+        residual=kinds.get("res") or GROUP_VARIANTS["res"][0],
+    )
+
+
+def _parse_part(part: str, name: str) -> tuple[str, str | None]:
+    match = _PART.match(part)
+    if not match or match["kind"] not in GROUP_VARIANTS:
+        raise UnknownNameError(f"unknown merge method {name!r}; known: {known_names()}")
+    kind, variant = match["kind"], match["variant"]
+    if variant is not None and variant not in GROUP_VARIANTS[kind]:
+        allowed = ", ".join(GROUP_VARIANTS[kind]) or "none"
+        raise UnknownNameError(f"unknown variant {variant!r} of group {kind!r} in {name!r}; variants: {allowed}")
+    return kind, variant

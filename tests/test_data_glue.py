@@ -1,0 +1,182 @@
+"""GLUE task table, local files of the GLUE schema, bad inputs, and the offline tasks (rt_polarity, next sentence)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lightning_merge.data.glue import (
+    TASKS,
+    GLUEDataModule,
+    balanced_split,
+    build_rt_polarity,
+    encode,
+    get_task,
+    load_splits,
+    tokenizer_source,
+)
+from lightning_merge.data.tokenizer import load_tokenizer, train_wordpiece
+from lightning_merge.errors import ConfigError, DataError, UnknownNameError
+
+GLUE = ("cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli")
+WORDS = "the a film movie was is great dull fun boring plot actor it not very good bad and story sentence follows"
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    texts = [" ".join(WORDS.split()[i:] + WORDS.split()[:i]) for i in range(20)]
+    path = tmp_path_factory.mktemp("tok")
+    train_wordpiece(texts, vocab_size=150, min_frequency=1).save_pretrained(path)
+    return str(path)
+
+
+def _write(path, rows: list[dict]) -> str:
+    """Write rows as csv, tsv or jsonl, by the file's extension."""
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        sep = "\t" if path.suffix == ".tsv" else ","
+        keys = list(rows[0])
+        path.write_text("\n".join([sep.join(keys)] + [sep.join(str(r[k]) for k in keys) for r in rows]) + "\n")
+    return str(path)
+
+
+def _pairs(n: int) -> list[dict]:
+    return [{"sentence1": f"the film {i}", "sentence2": "it was great fun", "label": i % 2} for i in range(n)]
+
+
+def test_task_table_covers_glue_and_offline_tasks():
+    assert set(GLUE) | {"rt_polarity", "wiki_next_sentence"} <= set(TASKS)
+    assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
+    assert get_task("mnli").num_labels == 3
+    assert get_task("mnli").validation_splits == ("validation_matched", "validation_mismatched")
+    assert get_task("mrpc").metrics == ("accuracy", "f1") and "matthews" in get_task("cola").metrics
+    assert len(get_task("qqp").text_keys) == 2 and len(get_task("sst2").text_keys) == 1
+    assert get_task("rt_polarity").splits == ("train", "validation", "test")
+
+
+def test_unknown_task_lists_known_ones():
+    with pytest.raises(UnknownNameError, match="unknown task 'sst3'; known tasks: cola, sst2"):
+        GLUEDataModule(task="sst3")
+
+
+@pytest.mark.parametrize("ext", [".csv", ".tsv", ".jsonl"])
+def test_local_files_of_the_glue_schema(tmp_path, tokenizer_dir, ext):
+    files = {
+        "train": _write(tmp_path / f"train{ext}", _pairs(6)),
+        "validation": _write(tmp_path / f"dev{ext}", _pairs(4)),
+    }
+    data = GLUEDataModule(task="mrpc", tokenizer=tokenizer_dir, data_files=files, batch_size=4)
+    data.setup("fit")
+    assert len(data.datasets["train"]) == 6 and len(data.datasets["validation"]) == 4
+    batch = next(iter(data.val_dataloader()))
+    assert batch["labels"].tolist() == [0, 1, 0, 1] and batch["input_ids"].shape[0] == 4
+    assert (batch["token_type_ids"] == 1).any()  # pair encoding: sentence2 is segment 1
+
+
+def test_tsv_reads_quotes_literally_and_label_names_map(tmp_path):
+    rows = [{"sentence": 'he said "great', "label": "positive"}, {"sentence": "NA", "label": "negative"}]
+    files = {"train": _write(tmp_path / "t.tsv", rows), "validation": _write(tmp_path / "v.jsonl", rows)}
+    splits = load_splits(get_task("sst2"), files)
+    assert splits["train"]["sentence"] == ['he said "great', "NA"]
+    assert [get_task("sst2").label_id(v) for v in splits["validation"]["label"]] == [1, 0]
+
+
+def test_regression_labels_are_floats(tmp_path, tokenizer_dir):
+    rows = [
+        {"sentence1": "a film", "sentence2": "a movie", "label": 3.8},
+        {"sentence1": "a", "sentence2": "b", "label": 0},
+    ]
+    files = {"train": _write(tmp_path / "t.jsonl", rows), "validation": _write(tmp_path / "v.jsonl", rows)}
+    encoded = encode(load_splits(get_task("stsb"), files)["train"], get_task("stsb"), load_tokenizer(tokenizer_dir))
+    assert encoded["labels"] == pytest.approx([3.8, 0.0])
+
+
+def test_missing_column_names_the_column_and_file(tmp_path):
+    rows = [{"sentence1": "a", "label": 0}]
+    files = {"train": _write(tmp_path / "train.csv", rows), "validation": _write(tmp_path / "dev.csv", rows)}
+    with pytest.raises(DataError, match=r"train\.csv has no column 'sentence2'.*needs sentence1, sentence2, label"):
+        load_splits(get_task("rte"), files)
+
+
+@pytest.mark.parametrize(
+    "task, label, shown",
+    [
+        ("sst2", 2, r"\[2\]"),
+        ("mnli", -1, r"\[-1\]"),
+        ("sst2", "great", r"\['great'\]"),
+        ("stsb", "high", r"\['high'\]"),
+    ],
+)
+def test_labels_outside_the_task_set(tmp_path, task, label, shown):
+    keys = get_task(task).text_keys
+    rows = [{**{k: "a film" for k in keys}, "label": label}]
+    splits = ("train", *get_task(task).validation_splits)
+    files = {s: _write(tmp_path / f"{s}.jsonl", rows) for s in splits}
+    with pytest.raises(DataError, match=f"label values {shown}.* outside task {task}'s labels"):
+        load_splits(get_task(task), files)
+
+
+def test_missing_split_file_and_format_are_one_line_errors(tmp_path):
+    ok = _write(tmp_path / "ok.jsonl", [{"premise": "a", "hypothesis": "b", "label": 0}])
+    with pytest.raises(DataError, match="no 'validation_matched' entry; task mnli needs train, validation_matched"):
+        load_splits(get_task("mnli"), {"train": ok, "validation": ok})
+    with pytest.raises(DataError, match="nope.csv .* does not exist"):
+        load_splits(get_task("mnli"), {"train": ok, "validation_matched": ok, "validation_mismatched": "nope.csv"})
+    with pytest.raises(DataError, match="unsupported extension"):
+        load_splits(get_task("sst2"), {"train": ok, "validation": str(tmp_path / "x.parquet")})
+
+
+def test_tokenizer_is_found_beside_the_model(tmp_path, tokenizer_dir):
+    run = tmp_path / "mlm" / "seed0"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (run / "hf").mkdir()
+    (run / "hf" / "tokenizer.json").write_text("{}")
+    assert tokenizer_source(str(run / "hf")) == str(run / "hf")
+    assert tokenizer_source(str(run / "checkpoints" / "last.ckpt")) == str(run / "hf")
+    assert tokenizer_source("google/multiberts-seed_0") == "google/multiberts-seed_0"
+    with pytest.raises(ConfigError, match="no tokenizer found for .*pass data.tokenizer"):
+        tokenizer_source(str(run / "checkpoints"))
+
+
+def test_datamodule_without_tokenizer_or_model_says_what_to_pass():
+    with pytest.raises(ConfigError, match="needs data.tokenizer"):
+        GLUEDataModule(task="sst2").setup("fit")
+
+
+def test_balanced_split_is_deterministic_and_balanced():
+    rows = [(f"text {i}", int(i % 3 == 0)) for i in range(300)]  # 100 positives, 200 negatives
+    first, again = balanced_split(rows), balanced_split(list(rows))
+    assert first == again
+    assert {name: len(part) for name, part in first.items()} == {"train": 160, "validation": 20, "test": 20}
+    for part in first.values():
+        assert sum(label for _, label in part) * 2 == len(part)
+    texts = [{t for t, _ in part} for part in first.values()]
+    assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
+
+
+def test_rt_polarity_is_deterministic_balanced_and_disjoint():
+    splits, again = build_rt_polarity(), build_rt_polarity()
+    for name, part in splits.items():
+        labels = part["label"]
+        assert 2 * sum(labels) == len(labels), name
+        assert part["sentence"] == again[name]["sentence"]
+    assert len(splits["train"]) > 8000 and len(splits["validation"]) > 1000
+    train = set(splits["train"]["sentence"])
+    assert not train & set(splits["validation"]["sentence"]) and not train & set(splits["test"]["sentence"])
+
+
+def test_wiki_next_sentence_is_a_balanced_pair_task(tokenizer_dir):
+    data = GLUEDataModule(task="wiki_next_sentence", tokenizer=tokenizer_dir, max_eval_samples=64, max_train_samples=64)
+    data.setup("fit")
+    labels = torch.tensor(data.datasets["validation"]["labels"])
+    assert 0.3 < labels.float().mean() < 0.7  # a 64-row sample of an exactly balanced split
+    raw = load_splits(get_task("wiki_next_sentence"))
+    assert 2 * sum(raw["train"]["label"]) - len(raw["train"]) in (0, 1)
+    assert not set(raw["train"]["sentence1"]) & set(raw["validation"]["sentence1"])  # split by article
+    batch = next(iter(data.train_dataloader()))
+    assert (batch["token_type_ids"] == 1).any() and (batch["token_type_ids"] == 0).any()
+    assert data.majority_accuracy() == pytest.approx(max(labels.float().mean(), 1 - labels.float().mean()).item())

@@ -43,6 +43,21 @@ class LightningMergeCLI(LightningCLI):
             _fill_seed(config, seed)
 
 
+DESCRIPTION = (
+    "lm-merge: pretrain BERT MLMs from seeds (fit), fine-tune them (fit with a GLUE config), merge two models and "
+    "measure loss barriers (merge), or run the whole study from one YAML (reproduce; see `lm-merge reproduce --help`)."
+)
+
+
+def run_reproduce(args: list[str]) -> None:
+    """``lm-merge reproduce``: the study runner's own jsonargparse CLI (it drives fit/merge runs, not a Trainer)."""
+    from jsonargparse import auto_cli
+
+    from lightning_merge.study import reproduce
+
+    auto_cli(reproduce, args=args, as_positional=False, parser_mode="yaml", exit_on_error=False)
+
+
 def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMergeCLI:
     """Build (and by default run) the CLI; tests call this with ``args`` instead of going through a subprocess."""
     return LightningMergeCLI(
@@ -50,7 +65,7 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMerge
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False},
+        parser_kwargs={"exit_on_error": False, "description": DESCRIPTION},
         args=args,
         run=run,
     )
@@ -64,8 +79,12 @@ def _one_line(err: BaseException) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one ``error:`` line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    command = sys.argv[1:] if argv is None else argv
     try:
-        build_cli(argv)
+        if command[:1] == ["reproduce"]:
+            run_reproduce(command[1:])
+        else:
+            build_cli(argv)
     except LightningMergeError as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         sys.exit(2)

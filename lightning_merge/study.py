@@ -1,0 +1,175 @@
+"""``lm-merge reproduce``: the whole study from one YAML — pretrain seeds, fine-tune, merge every pair, report.
+
+Each stage is an ordinary ``lm-merge fit``/``lm-merge merge`` run in a subprocess (so a crash or a kill leaves the
+orchestrator's state on disk, not in memory). A stage is marked complete only after its outputs exist; a rerun skips
+completed stages, and a stage that was interrupted is cleared and restarted from scratch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_merge.errors import ConfigError, LightningMergeError
+from lightning_merge.io import atomic_write_text
+
+COMPLETE_MARKER = ".stage_complete.json"
+
+
+class StageError(LightningMergeError):
+    """A stage of the study failed; its log names the cause."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One run of the study: the ``lm-merge`` arguments, where it writes, and the outputs that prove it finished."""
+
+    name: str
+    run_dir: Path
+    argv: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+
+    def is_complete(self) -> bool:
+        marker = self.run_dir / COMPLETE_MARKER
+        if not marker.is_file() or not all((self.run_dir / out).exists() for out in self.outputs):
+            return False
+        return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+
+
+@dataclass
+class TaskSpec:
+    """A fine-tuning task of the study: its fit config and the merge config used for its classifiers."""
+
+    fit_config: str
+    merge_config: str = "configs/merge/glue.yaml"
+    fit_args: list[str] = field(default_factory=list)
+    merge_args: list[str] = field(default_factory=list)
+
+
+def _pairs(seeds: list[int]) -> list[tuple[int, int]]:
+    return list(itertools.combinations(seeds, 2))
+
+
+def _pretrain_stages(root: Path, seeds: list[int], config: str, extra: list[str]) -> list[Stage]:
+    return [
+        Stage(f"pretrain seed {seed}", root / "pretrain" / f"seed{seed}",
+              ("fit", "--config", config, "--seed_everything", str(seed),
+               "--trainer.default_root_dir", str(root / "pretrain" / f"seed{seed}"), *extra),
+              ("hf/config.json",))
+        for seed in seeds
+    ]
+
+
+def _finetune_stages(root: Path, seeds: list[int], tasks: dict[str, TaskSpec]) -> list[Stage]:
+    stages = []
+    for task, spec in tasks.items():
+        for seed in seeds:
+            run_dir = root / "finetune" / task / f"seed{seed}"
+            argv = ("fit", "--config", spec.fit_config, "--seed_everything", str(seed),
+                    "--trainer.default_root_dir", str(run_dir),
+                    "--model.init_args.init_from", str(root / "pretrain" / f"seed{seed}" / "hf"), *spec.fit_args)
+            stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",)))
+    return stages
+
+
+def _merge_stage(name: str, run_dir: Path, config: str, model_a: Path, model_b: Path, extra: list[str]) -> Stage:
+    argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
+            "--model.init_args.model_a", str(model_a), "--model.init_args.model_b", str(model_b), *extra)
+    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"))
+
+
+def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
+    prefix = f"[{index}/{total}] {stage.name}"
+    if stage.is_complete():
+        print(f"{prefix}: complete, skipped", flush=True)
+        return
+    if stage.run_dir.exists():
+        shutil.rmtree(stage.run_dir)  # an interrupted stage restarts from scratch; completed ones never get here
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / (stage.name.replace(" ", "_") + ".log")
+    print(f"{prefix}: running (log: {log_path})", flush=True)
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log)
+    if result.returncode != 0:
+        reason = _last_line(log_path)
+        raise StageError(f"stage '{stage.name}' failed (exit {result.returncode}); see {log_path}: {reason}")
+    missing = [out for out in stage.outputs if not (stage.run_dir / out).exists()]
+    if missing:
+        raise StageError(f"stage '{stage.name}' finished without writing {stage.run_dir / missing[0]}; see {log_path}")
+    seconds = time.perf_counter() - start
+    marker = {"fingerprint": stage.fingerprint, "argv": list(stage.argv), "seconds": round(seconds, 1)}
+    atomic_write_text(stage.run_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
+    print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def reproduce(
+    study_dir: str = "runs/study/quickstart",
+    seeds: list[int] | None = None,
+    pretrain_config: str = "configs/mlm.yaml",
+    pretrain_args: list[str] | None = None,
+    mlm_merge_config: str = "configs/merge/mlm.yaml",
+    merge_args: list[str] | None = None,
+    tasks: dict[str, TaskSpec] | None = None,
+) -> Path:
+    """Run the whole study: pretrain every seed, fine-tune each on every task, merge every pair, write the report.
+
+    Args:
+        study_dir: where every stage and the report are written.
+        seeds: pretraining seeds; every pair of them is merged (default 0, 1, 2).
+        pretrain_config: ``lm-merge fit`` config for pretraining.
+        pretrain_args: extra ``lm-merge fit`` arguments for pretraining (e.g. ``--trainer.max_steps``).
+        mlm_merge_config: ``lm-merge merge`` config for the pretrained MLMs.
+        merge_args: extra ``lm-merge merge`` arguments for every merge (e.g. ``--methods``).
+        tasks: fine-tuning task name -> `TaskSpec` (fit and merge configs).
+
+    Returns:
+        The report directory.
+    """
+    from lightning_merge.study_report import write_study_report
+
+    seeds = list(seeds if seeds is not None else [0, 1, 2])
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"a study needs at least two distinct seeds, got {seeds}")
+    root = Path(study_dir)
+    stages = study_stages(root, seeds, pretrain_config, pretrain_args or [], mlm_merge_config, merge_args or [],
+                          tasks or {})
+    for index, stage in enumerate(stages, start=1):
+        _run_stage(stage, index, len(stages), root / "logs")
+    return write_study_report(root, seeds, list((tasks or {}).keys()))
+
+
+def study_stages(
+    root: Path, seeds: list[int], pretrain_config: str, pretrain_args: list[str], mlm_merge_config: str,
+    merge_args: list[str], tasks: dict[str, TaskSpec],
+) -> list[Stage]:
+    """Every stage of a study, in the order they run."""
+    stages = _pretrain_stages(root, seeds, pretrain_config, pretrain_args)
+    stages += _finetune_stages(root, seeds, tasks)
+    for a, b in _pairs(seeds):
+        pair = f"seed{a}-seed{b}"
+        models = [root / "pretrain" / f"seed{s}" / "hf" for s in (a, b)]
+        stages.append(_merge_stage(f"merge mlm {pair}", root / "merge" / "mlm" / pair, mlm_merge_config, *models,
+                                   [*merge_args, "--data.init_args.tokenizer", str(models[0])]))
+        for task, spec in tasks.items():
+            models = [root / "finetune" / task / f"seed{s}" / "hf" for s in (a, b)]
+            stages.append(_merge_stage(f"merge {task} {pair}", root / "merge" / task / pair, spec.merge_config,
+                                       *models, [*merge_args, *spec.merge_args,
+                                                 "--data.init_args.tokenizer", str(models[0])]))
+    return stages

@@ -1,0 +1,135 @@
+"""The study's report: the paper's three tables as mean ± standard error over seed pairs, plus curve plots."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_merge.errors import DataError
+from lightning_merge.io import atomic_file, atomic_write_text
+
+# Table 1: attention variants (with FF), Table 2: residual variants; rows are (label, method name).
+ATTENTION_ROWS = (
+    ("vanilla", "vanilla"),
+    ("FF only", "ff"),
+    ("FF + attn, Monotonic", "ff+attn[monotonic]"),
+    ("FF + attn, Ignore-Heads", "ff+attn[ignore_heads]"),
+    ("FF + attn, Head-Perm", "ff+attn[head_perm]"),
+)
+RESIDUAL_ROWS = (
+    ("identity (vanilla)", "vanilla"),
+    ("residual, first", "res[first]"),
+    ("residual, last", "res[last]"),
+    ("residual, all", "res[all]"),
+    ("full: FF + attn + residual", "ff+attn+res"),
+)
+TASK_METHODS = ("vanilla", "ff+attn+res")
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _fmt(values: Sequence[float]) -> str:
+    if not values:
+        return "–"
+    mean, se = mean_se(values)
+    return f"{mean:.3f} ± {se:.3f}"
+
+
+def load_pair_results(merge_dir: Path, seeds: Sequence[int]) -> dict[str, dict]:
+    """pair name -> results.json of that pair's merge run."""
+    results = {}
+    for a, b in itertools.combinations(seeds, 2):
+        path = merge_dir / f"seed{a}-seed{b}" / "results.json"
+        if not path.is_file():
+            raise DataError(f"merge results {path} are missing; rerun the study to complete that stage")
+        results[f"seed{a}-seed{b}"] = json.loads(path.read_text())
+    return results
+
+
+def _column(pairs: dict[str, dict], method: str, key: str) -> list[float]:
+    figures = (r["barriers"].get(method, {}) for r in pairs.values())
+    return [f[key] for f in figures if key in f]
+
+
+def method_table(pairs: dict[str, dict], rows: Sequence[tuple[str, str]], title: str) -> str:
+    lines = [f"### {title}", "", "| method | loss barrier | midpoint barrier |", "|---|---:|---:|"]
+    for label, method in rows:
+        lines.append(f"| {label} (`{method}`) | {_fmt(_column(pairs, method, 'barrier'))} | "
+                     f"{_fmt(_column(pairs, method, 'barrier_midpoint'))} |")
+    return "\n".join(lines)
+
+
+def task_table(task_pairs: dict[str, dict[str, dict]]) -> str:
+    head = "| task | " + " | ".join(f"{m} loss barrier | {m} metric drop" for m in TASK_METHODS) + " |"
+    lines = ["### Table 3: fine-tuned classifiers, vanilla vs full method", "", head,
+             "|---|" + "---:|" * (2 * len(TASK_METHODS))]
+    for task, pairs in task_pairs.items():
+        cells = [f"{_fmt(_column(pairs, m, 'barrier'))} | {_fmt(_column(pairs, m, 'metric_barrier'))}"
+                 for m in TASK_METHODS]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str], title: str) -> None:
+    """Mean loss curve per method over pairs, with a ±1 standard-error band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in methods:
+        curves = [r["curves"][method]["loss"] for r in pairs.values() if method in r["curves"]]
+        if not curves:
+            continue
+        lambdas = next(iter(pairs.values()))["lambdas"]
+        stats = [mean_se(column) for column in zip(*curves)]
+        means = [m for m, _ in stats]
+        axis.plot(lambdas, means, label=method)
+        axis.fill_between(lambdas, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
+    axis.set(xlabel="λ", ylabel="loss", title=title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
+    plt.close(figure)
+
+
+def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str]) -> Path:
+    """Write ``report/report.md``, the curve PNGs and ``report/pairs.json`` (raw per-pair results)."""
+    report_dir = root / "report"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    mlm = load_pair_results(root / "merge" / "mlm", seeds)
+    task_pairs = {task: load_pair_results(root / "merge" / task, seeds) for task in tasks}
+    sections = [
+        f"# Merging study: seeds {', '.join(map(str, seeds))} ({len(mlm)} pairs)",
+        "Barriers are mean ± standard error over seed pairs; loss in nats (MLM: masked-token cross-entropy on fixed "
+        "validation masks). Metric drop: largest fall of the task metric below the line between the endpoints.",
+        method_table(mlm, ATTENTION_ROWS, "Table 1: attention variants (MLM)"),
+        method_table(mlm, RESIDUAL_ROWS, "Table 2: residual variants (MLM)"),
+    ]
+    if task_pairs:
+        sections.append(task_table(task_pairs))
+    plot_mean_curves(report_dir / "mlm_attention.png", mlm, [m for _, m in ATTENTION_ROWS], "MLM: attention variants")
+    plot_mean_curves(report_dir / "mlm_residual.png", mlm, [m for _, m in RESIDUAL_ROWS], "MLM: residual variants")
+    sections.append("![attention variants](mlm_attention.png)\n\n![residual variants](mlm_residual.png)")
+    for task, pairs in task_pairs.items():
+        plot_mean_curves(report_dir / f"{task}.png", pairs, TASK_METHODS, f"{task}: loss along λ")
+        sections.append(f"![{task}]({task}.png)")
+    atomic_write_text(report_dir / "pairs.json", json.dumps({"mlm": mlm, **task_pairs}, indent=2) + "\n")
+    text = "\n\n".join(sections) + "\n"
+    atomic_write_text(report_dir / "report.md", text)
+    print(text, flush=True)
+    return report_dir

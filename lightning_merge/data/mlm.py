@@ -93,7 +93,8 @@ def pack_blocks(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, b
     )  # fmt: skip
     if len(packed) == 0:
         return np.zeros((0, block_size), dtype=np.int32)
-    return np.asarray(packed.with_format("numpy")["input_ids"], dtype=np.int32)
+    column = packed.with_format("arrow")["input_ids"].combine_chunks()  # arrow -> numpy in one copy, not per row
+    return column.flatten().to_numpy().astype(np.int32).reshape(-1, block_size)
 
 
 def _spread(blocks: np.ndarray, limit: int | None) -> np.ndarray:

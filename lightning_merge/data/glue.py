@@ -412,17 +412,20 @@ class GLUEDataModule(pl.LightningDataModule):
         self.task = get_task(task)  # fail at construction, before any download
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.datasets: dict[str, datasets.Dataset] = {}
+        self._raw: dict[str, datasets.Dataset] | None = None
 
     def prepare_data(self) -> None:
-        if not self.hparams.data_files:
-            load_splits(self.task)  # downloads / builds once, on one process; setup then reads the caches
+        # downloads / builds on one process per node; other ranks' setup reads the caches it leaves
+        self._raw = load_splits(self.task, self.hparams.data_files)
 
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
         if self.tokenizer is None:
             self.tokenizer = load_tokenizer(self._tokenizer_source())
-        for split, dataset in load_splits(self.task, self.hparams.data_files).items():
+        raw = self._raw if self._raw is not None else load_splits(self.task, self.hparams.data_files)
+        self._raw = None  # the encoded splits replace it
+        for split, dataset in raw.items():
             limit = self.hparams.max_train_samples if split == TRAIN else self.hparams.max_eval_samples
             if limit is not None and limit < len(dataset):
                 dataset = dataset.shuffle(seed=SPLIT_SEED).select(range(limit))

@@ -131,6 +131,8 @@ def test_existing_tokenizer_dir(datamodule, corpus, cache, tmp_path):
     dm = _dm(corpus, cache, tokenizer=str(tmp_path / "tok"), vocab_size=5000)  # vocab_size is ignored
     dm.setup("fit")
     assert np.array_equal(dm.blocks("train"), datamodule.blocks("train"))
+    # A merge run loads the tokenizer from a model's export dir: it must score the very same masked positions.
+    assert torch.equal(dm.validation_tensors()["labels"], datamodule.validation_tensors()["labels"])
     with pytest.raises(ConfigError, match="block_size=1024 exceeds the tokenizer's limit 512"):
         _dm(corpus, cache, tokenizer=str(tmp_path / "tok"), block_size=1024).tokenizer
 

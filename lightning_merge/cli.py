@@ -12,25 +12,28 @@ from pytorch_lightning.cli import LightningCLI
 from lightning_merge.errors import LightningMergeError
 from lightning_merge.trainer import MergeTrainer
 
-SEED_PLACEHOLDER = "{seed}"
-
-
-def _fill_seed(value: Any, seed: int) -> Any:
-    """Replace ``{seed}`` in every string of a (nested) config, so one recipe serves every seed's run dir."""
+def fill_placeholders(value: Any, replacements: dict[str, str]) -> Any:
+    """Replace each placeholder in every string of a (nested) config; Namespaces are updated in place."""
     if isinstance(value, str):
-        return value.replace(SEED_PLACEHOLDER, str(seed))
+        for placeholder, text in replacements.items():
+            value = value.replace(placeholder, text)
+        return value
     if isinstance(value, list):
-        return [_fill_seed(v, seed) for v in value]
+        return [fill_placeholders(v, replacements) for v in value]
     if isinstance(value, Namespace):
         for key in value.keys():
-            value[key] = _fill_seed(value[key], seed)
+            value[key] = fill_placeholders(value[key], replacements)
     elif isinstance(value, dict):
-        return {k: _fill_seed(v, seed) for k, v in value.items()}
+        return {k: fill_placeholders(v, replacements) for k, v in value.items()}
     return value
 
 
 class LightningMergeCLI(LightningCLI):
-    """LightningCLI with a ``merge`` subcommand, whose run dirs may name the seed (``checkpoints/mlm/seed{seed}``)."""
+    """LightningCLI with a ``merge`` subcommand and two config placeholders.
+
+    ``{seed}`` is replaced by ``seed_everything`` (``checkpoints/mlm/seed{seed}``), and ``{root}`` by the final
+    ``trainer.default_root_dir``, so logger and checkpoint paths follow a run dir set on the command line.
+    """
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -40,7 +43,10 @@ class LightningMergeCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         seed = config.get("seed_everything")
         if isinstance(seed, int) and not isinstance(seed, bool):
-            _fill_seed(config, seed)
+            fill_placeholders(config, {"{seed}": str(seed)})
+        root = config.get("trainer.default_root_dir")
+        if root:
+            fill_placeholders(config, {"{root}": str(root)})
 
 
 DESCRIPTION = (

@@ -20,7 +20,6 @@ class MLMModule(pl.LightningModule):
     Args:
         preset: model size (``tiny``, ``mini``, ``small``, ``base``), used unless ``init_from`` is given.
         init_from: HF directory, our ``.ckpt`` or hub id to start from instead of a random init.
-        vocab_size: vocabulary size; by default the datamodule's tokenizer decides.
         max_position_embeddings: longest sequence the model can read.
         config_overrides: extra ``BertConfig`` fields (dropout, layer count, ...), winning over the preset.
         lr: peak learning rate.
@@ -33,7 +32,6 @@ class MLMModule(pl.LightningModule):
         self,
         preset: str = "mini",
         init_from: str | None = None,
-        vocab_size: int | None = None,
         max_position_embeddings: int = 512,
         config_overrides: dict[str, Any] | None = None,
         lr: float = 1e-3,
@@ -45,16 +43,20 @@ class MLMModule(pl.LightningModule):
         self.save_hyperparameters()
         self.model: BertForMaskedLM | None = None
         self.objective: MaskedLMObjective | None = None
-        if vocab_size is not None or init_from is not None:
-            self._build(vocab_size)
+        if init_from is not None:
+            self.build(None)
 
-    def _build(self, vocab_size: int | None) -> None:
+    def build(self, vocab_size: int | None) -> None:
+        """Create the HF model: from ``init_from`` or, with ``vocab_size`` tokens, from the preset.
+
+        Lightning calls this through `configure_model` with the datamodule tokenizer's size.
+        """
         hp = self.hparams
         if hp.init_from is not None:
             model = load_pretrained(hp.init_from, BertForMaskedLM)
         else:
             if vocab_size is None:
-                raise ConfigError("MLMModule needs model.vocab_size or a datamodule with a tokenizer")
+                raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) to size its vocab")
             overrides = dict(hp.config_overrides or {})
             config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, **overrides)
             model = BertForMaskedLM(config)
@@ -64,7 +66,7 @@ class MLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-            self._build(len(tokenizer) if tokenizer is not None else self.hparams.vocab_size)
+            self.build(len(tokenizer) if tokenizer is not None else None)
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum, count = self.objective(batch)

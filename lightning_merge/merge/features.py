@@ -119,8 +119,9 @@ def collect_statistics(
     Args:
         model_a: model A (eval mode is the caller's choice; dropout would add noise to the features).
         model_b: model B, same spec.
-        batches: dicts of model inputs with an ``attention_mask``; an optional ``special_tokens_mask`` is used to drop
-            special tokens and not passed to the models.
+        batches: dicts of model inputs with an ``attention_mask``; an optional ``special_tokens_mask`` drops special
+            tokens; it and ``labels`` are not passed on. Only the base model runs when every feature point lies in
+            it (the heads produce no features).
         spec: the models' spec.
         groups: groups to collect (default all).
         device: where the float64 sums live (default: model A's device).
@@ -131,15 +132,26 @@ def collect_statistics(
     groups = list(spec.groups if groups is None else groups)
     device = device if device is not None else next(model_a.parameters()).device
     statistics = MergeStatistics(spec, groups, device=device)
+    run_a, run_b = _feature_model(model_a, spec, groups), _feature_model(model_b, spec, groups)
     with FeatureRecorder(model_a, spec, groups) as recorder_a, FeatureRecorder(model_b, spec, groups) as recorder_b:
         for batch in batches:
-            inputs = {k: v for k, v in batch.items() if k != "special_tokens_mask"}
+            inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
             special = batch.get("special_tokens_mask")
-            model_a(**_to(inputs, model_a))
-            model_b(**_to(inputs, model_b))
+            run_a(**_to(inputs, model_a))
+            run_b(**_to(inputs, model_b))
             mask = inputs["attention_mask"]
             statistics.update_from_features(recorder_a.pop(mask, special), recorder_b.pop(mask, special))
     return statistics
+
+
+_NOT_MODEL_INPUTS = ("special_tokens_mask", "labels")
+
+
+def _feature_model(model: torch.nn.Module, spec: PermutationSpec, groups: list[str]) -> torch.nn.Module:
+    """The base model when every feature point lies inside it: the heads (e.g. a 30k-vocab decoder) are skipped."""
+    prefix = spec.base_prefix
+    inside = all(point.module.startswith(prefix) for group in groups for point in spec.points[group])
+    return model.get_submodule(prefix.rstrip(".")) if prefix and inside else model
 
 
 def _to(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:

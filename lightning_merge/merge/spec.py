@@ -151,6 +151,7 @@ class PermutationSpec:
         points: group name -> feature points whose statistics the group is matched on.
         ties: alias weight name -> source weight name (the alias shares the source's storage).
         fields: (name, value) pairs identifying the architecture; two specs are compatible when these are equal.
+        base_prefix: where the base model sits in the full model (``"bert."``; ``""`` for a bare ``BertModel``).
     """
 
     architecture: str
@@ -159,6 +160,7 @@ class PermutationSpec:
     points: Mapping[str, tuple[FeaturePoint, ...]]
     ties: Mapping[str, str] = field(default_factory=dict)
     fields: tuple[tuple[str, Any], ...] = ()
+    base_prefix: str = ""
 
     @cached_property
     def group_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -358,7 +360,8 @@ def bert_spec(
     fields += [("pooler", "pooler" in heads)]
     if "classifier" in heads:
         fields.append(("num_labels", config.num_labels))
-    return PermutationSpec(name, build.axes, _groups(config), _points(config, names, prefix), build.ties, tuple(fields))
+    points = _points(config, names, prefix)
+    return PermutationSpec(name, build.axes, _groups(config), points, build.ties, tuple(fields), prefix)
 
 
 def spec_for_model(model: torch.nn.Module) -> PermutationSpec:

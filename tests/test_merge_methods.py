@@ -148,3 +148,11 @@ def test_fit_refuses_statistics_of_another_spec(planted_pair):
     partial = collect_statistics(planted_pair[0], planted_pair[1], batches(1), spec, groups=["ff.0"])
     with pytest.raises(ConfigError, match="no group 'ff.1'"):
         get_method("ff").fit(partial, spec)
+
+
+def test_fit_a_subset_of_groups(planted_pair):
+    _, _, spec, planted, statistics = planted_pair
+    perms = get_method("ff").fit(statistics, spec, groups=["ff.1"])
+    assert list(perms) == ["ff.1"] and torch.equal(perms["ff.1"], invert_permutation(planted["ff.1"]))
+    with pytest.raises(ConfigError, match="does not permute group 'res'"):
+        get_method("ff").fit(statistics, spec, groups=["res"])

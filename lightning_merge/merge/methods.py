@@ -19,12 +19,12 @@ perms (`MergeMethod.fit`); the matcher of each group kind is looked up in `GROUP
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 
-from lightning_merge.errors import UnknownNameError
+from lightning_merge.errors import ConfigError, UnknownNameError
 from lightning_merge.merge.matching import (
     ATTENTION_VARIANTS,
     FUNCTION_PRESERVING_ATTENTION,
@@ -81,14 +81,26 @@ class MergeMethod:
         """The spec groups this method needs statistics for and returns perms of."""
         return spec.groups_of_kind(self.groups)
 
-    def fit(self, statistics: MergeStatistics, spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    def fit(
+        self, statistics: MergeStatistics, spec: PermutationSpec, groups: Iterable[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         """Perms of B for every group this method permutes (identity elsewhere, i.e. absent).
+
+        Args:
+            statistics: statistics of both models, collected for ``spec``.
+            spec: the models' spec.
+            groups: fit only these of the method's groups (default all of them).
 
         Raises:
             ArchitectureMismatch: the statistics were collected for a different spec.
-            ConfigError: the statistics lack a group this method needs.
+            ConfigError: the statistics lack a group this method needs, or ``groups`` names one it does not permute.
         """
         names = self.group_names(spec)
+        if groups is not None:
+            outside = [name for name in groups if name not in names]
+            if outside:
+                raise ConfigError(f"method {self.name!r} does not permute group {outside[0]!r}")
+            names = list(groups)
         statistics.check_spec(spec, names)
         return {name: GROUP_MATCHERS[spec.groups[name].kind](self, statistics, spec.groups[name]) for name in names}
 

@@ -12,6 +12,7 @@ from pytorch_lightning.cli import LightningCLI
 from lightning_merge.errors import LightningMergeError
 from lightning_merge.trainer import MergeTrainer
 
+
 def fill_placeholders(value: Any, replacements: dict[str, str]) -> Any:
     """Replace each placeholder in every string of a (nested) config; Namespaces are updated in place."""
     if isinstance(value, str):
@@ -82,6 +83,17 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
+def _user_error(err: BaseException | None) -> LightningMergeError | None:
+    """The user-caused error behind ``err``, if any (jsonargparse wraps errors raised while instantiating)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LightningMergeError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one ``error:`` line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -91,10 +103,11 @@ def main(argv: list[str] | None = None) -> None:
             run_reproduce(command[1:])
         else:
             build_cli(argv)
-    except LightningMergeError as err:
-        print(f"error: {_one_line(err)}", file=sys.stderr)
-        sys.exit(2)
     except Exception as err:
+        user_error = _user_error(err)
+        if user_error is not None:
+            print(f"error: {_one_line(user_error)}", file=sys.stderr)
+            sys.exit(2)
         if type(err).__name__ == "ArgumentError":  # jsonargparse's bad key/value: one line, not a usage dump
             print(f"error: {_one_line(err)} (see lm-merge --help)", file=sys.stderr)
             sys.exit(2)

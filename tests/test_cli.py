@@ -1,0 +1,130 @@
+"""`lm-merge` end to end in-process: help, every shipped recipe parses, fit and merge on tiny data, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForMaskedLM
+
+from lightning_merge.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml"))
+WORDS = "the a river city king queen north south old new war music film river stone light dark".split()
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    return 0
+
+
+def write_corpus(path: Path, lines: int = 300) -> Path:
+    rng = random.Random(0)
+    text = "\n".join(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 20))) for _ in range(lines))
+    path.write_text(text + "\n")
+    return path
+
+
+def tiny_fit_args(tmp_path: Path, corpus: Path, seed: int = 0) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs/mlm.yaml"), "--seed_everything", str(seed),
+        "--trainer.default_root_dir", str(tmp_path / f"seed{seed}"), "--trainer.max_steps", "2",
+        "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
+        "--model.init_args.preset", "tiny",
+        "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
+        "--data.init_args.source.train_files", str(corpus), "--data.init_args.vocab_size", "120",
+        "--data.init_args.block_size", "32", "--data.init_args.batch_size", "4",
+        "--data.init_args.cache_dir", str(tmp_path / "cache"),
+    ]
+
+
+def test_help_lists_subcommands(capsys) -> None:
+    assert run_cli(["--help"]) == 0
+    out = capsys.readouterr().out
+    for subcommand in ("fit", "validate", "test", "merge", "reproduce"):
+        assert subcommand in out
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_shipped_config_parses(config, capsys) -> None:
+    text = (ROOT / config).read_text()
+    subcommand = "merge" if "/merge/" in config else "reproduce" if "/reproduce/" in config else "fit"
+    assert run_cli([subcommand, "--config", str(ROOT / config), "--print_config"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip()
+    assert text
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    """Two tiny seeds trained for two steps through `lm-merge fit` (HF export included)."""
+    root = tmp_path_factory.mktemp("fit")
+    corpus = write_corpus(root / "corpus.txt")
+    for seed in (0, 1):
+        assert run_cli(tiny_fit_args(root, corpus, seed)) == 0
+    return root
+
+
+def test_fit_writes_checkpoints_hf_export_and_logs(fitted) -> None:
+    run = fitted / "seed0"
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    model = AutoModelForMaskedLM.from_pretrained(run / "hf")
+    assert model.config.num_hidden_layers == 2
+    assert (run / "hf" / "tokenizer.json").is_file()
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_fit_resumes_from_last(fitted, tmp_path) -> None:
+    corpus = fitted / "corpus.txt"
+    args = tiny_fit_args(fitted, corpus, 0)
+    args[args.index("--trainer.max_steps") + 1] = "4"
+    assert run_cli([*args, "--ckpt_path", "last"]) == 0
+
+
+def test_merge_subcommand_writes_every_output(fitted, tmp_path) -> None:
+    run = tmp_path / "merge"
+    args = [
+        "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"), "--trainer.default_root_dir", str(run),
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.model_a", str(fitted / "seed0/hf"), "--model.init_args.model_b", str(fitted / "seed1/hf"),
+        "--model.init_args.lambdas", "[0, 0.5, 1]",
+        "--data.init_args.tokenizer", str(fitted / "seed0/hf"),
+        "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
+        "--data.init_args.source.train_files", str(fitted / "corpus.txt"),
+        "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
+        "--methods", "[vanilla, ff+attn+res]",
+    ]
+    assert run_cli(args) == 0
+    for name in ("permutations.safetensors", "curves.csv", "barriers.json", "barrier.png", "merged/config.json"):
+        assert (run / name).exists(), name
+    barriers = json.loads((run / "barriers.json").read_text())
+    assert set(barriers) == {"vanilla", "ff+attn+res"}
+    assert run_cli(args) == 2  # a second run into the same directory is refused, the first run's files stay
+    assert json.loads((run / "barriers.json").read_text()) == barriers
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.init_args.preset", "huge"], "unknown model preset 'huge'"),
+        (["--model.init_args.no_such_key", "1"], "no_such_key"),
+        (["--data.init_args.source.train_files", "/nonexistent/corpus.txt"], "/nonexistent/corpus.txt"),
+    ],
+)
+def test_bad_fit_input_is_one_line(tmp_path, capsys, extra, message) -> None:
+    args = tiny_fit_args(tmp_path, write_corpus(tmp_path / "corpus.txt"), 0) + extra
+    assert run_cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0]
+
+
+def test_merge_with_missing_checkpoint_names_the_path(tmp_path, capsys) -> None:
+    args = ["merge", "--config", str(ROOT / "configs/merge/mlm.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.model_a", str(tmp_path / "missing_a"), "--model.init_args.model_b", str(tmp_path)]
+    assert run_cli(args) == 2
+    assert "missing_a does not exist" in capsys.readouterr().err

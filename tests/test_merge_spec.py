@@ -132,3 +132,16 @@ def test_state_dict_checks():
 def test_family_tables_are_data():
     assert {arch.family for arch in ARCHITECTURES.values()} == {"bert"}
     assert ARCHITECTURES["BertForMaskedLM"].prefix == "bert."
+
+
+def test_merge_package_does_not_import_lightning():
+    import ast
+    from pathlib import Path
+
+    import lightning_merge.merge
+
+    for path in Path(lightning_merge.merge.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.split(".")[0] in {"lightning", "pytorch_lightning"}], path.name

@@ -3,7 +3,7 @@
 No Lightning import here: everything is usable from Python on any two HF BERT models.
 """
 
-from lightning_merge.merge.features import FeatureRecorder
+from lightning_merge.merge.features import FeatureRecorder, collect_statistics
 from lightning_merge.merge.interpolate import (
     InterpolationPath,
     interpolate_state_dicts,
@@ -26,6 +26,7 @@ __all__ = [
     "PermutationSpec",
     "apply_permutations",
     "bert_spec",
+    "collect_statistics",
     "get_method",
     "interpolate_state_dicts",
     "invert_permutation",

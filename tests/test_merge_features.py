@@ -72,3 +72,19 @@ def test_missing_module_is_named(model):
     spec = spec_for_model(model)
     with pytest.raises(ArchitectureMismatch, match="no module bert.encoder.layer.0.output.dense"):
         FeatureRecorder(model.bert, spec, groups=["ff.0"]).register()
+
+
+def test_collect_statistics_masks(model):
+    from lightning_merge.errors import DataError
+    from lightning_merge.merge.features import collect_statistics
+
+    spec = spec_for_model(model)
+    special = torch.zeros(2, 6, dtype=torch.long)
+    special[:, 0] = 1
+    batch = dict(inputs(), special_tokens_mask=special, labels=torch.zeros(2, 6, dtype=torch.long))
+    assert collect_statistics(model, model, [batch], spec, ["ff.0"]).token_count == 9
+    assert collect_statistics(model, model, [batch], spec, ["ff.0"], exclude_special_tokens=True).token_count == 7
+    with pytest.raises(DataError, match="needs an attention_mask"):
+        collect_statistics(model, model, [dict(input_ids=batch["input_ids"])], spec, ["ff.0"])
+    with pytest.raises(DataError, match="needs a special_tokens_mask"):
+        collect_statistics(model, model, [inputs()], spec, ["ff.0"], exclude_special_tokens=True)

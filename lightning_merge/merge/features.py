@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lightning_merge.errors import ArchitectureMismatch
+from lightning_merge.errors import ArchitectureMismatch, DataError
 from lightning_merge.merge.spec import FeaturePoint, PermutationSpec
 from lightning_merge.merge.stats import MergeStatistics
 
@@ -113,18 +113,20 @@ def collect_statistics(
     spec: PermutationSpec,
     groups: Iterable[str] | None = None,
     device: torch.device | str | None = None,
+    exclude_special_tokens: bool = False,
 ) -> MergeStatistics:
     """Run both models over ``batches`` and accumulate `MergeStatistics` (the plain-PyTorch statistics pass).
 
     Args:
         model_a: model A (eval mode is the caller's choice; dropout would add noise to the features).
         model_b: model B, same spec.
-        batches: dicts of model inputs with an ``attention_mask``; an optional ``special_tokens_mask`` drops special
-            tokens; it and ``labels`` are not passed on. Only the base model runs when every feature point lies in
-            it (the heads produce no features).
+        batches: dicts of model inputs with an ``attention_mask`` (``special_tokens_mask`` and ``labels`` are not
+            passed on). Only the base model runs when every feature point lies in it (the heads make no features).
         spec: the models' spec.
         groups: groups to collect (default all).
         device: where the float64 sums live (default: model A's device).
+        exclude_special_tokens: leave out tokens marked in the batch's ``special_tokens_mask`` (the paper keeps
+            them, so the default is False).
 
     Returns:
         The accumulated statistics.
@@ -135,16 +137,23 @@ def collect_statistics(
     run_a, run_b = _feature_model(model_a, spec, groups), _feature_model(model_b, spec, groups)
     with FeatureRecorder(model_a, spec, groups) as recorder_a, FeatureRecorder(model_b, spec, groups) as recorder_b:
         for batch in batches:
+            mask, special = _token_masks(batch, exclude_special_tokens)
             inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-            special = batch.get("special_tokens_mask")
             run_a(**_to(inputs, model_a))
             run_b(**_to(inputs, model_b))
-            mask = inputs["attention_mask"]
             statistics.update_from_features(recorder_a.pop(mask, special), recorder_b.pop(mask, special))
     return statistics
 
 
 _NOT_MODEL_INPUTS = ("special_tokens_mask", "labels")
+
+
+def _token_masks(batch: Mapping[str, torch.Tensor], exclude_special: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if "attention_mask" not in batch:
+        raise DataError(f"a statistics batch needs an attention_mask; it has {', '.join(batch)}")
+    if exclude_special and "special_tokens_mask" not in batch:
+        raise DataError("exclude_special_tokens needs a special_tokens_mask in every batch")
+    return batch["attention_mask"], batch["special_tokens_mask"] if exclude_special else None
 
 
 def _feature_model(model: torch.nn.Module, spec: PermutationSpec, groups: list[str]) -> torch.nn.Module:

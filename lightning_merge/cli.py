@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Any
 
@@ -10,6 +11,7 @@ from jsonargparse import Namespace
 from pytorch_lightning.cli import LightningCLI
 
 from lightning_merge.errors import LightningMergeError
+from lightning_merge.merge.methods import get_method
 from lightning_merge.trainer import MergeTrainer
 
 
@@ -48,6 +50,8 @@ class LightningMergeCLI(LightningCLI):
         root = config.get("trainer.default_root_dir")
         if root:
             fill_placeholders(config, {"{root}": str(root)})
+        for name in config.get("methods") or []:
+            get_method(name)  # an unknown method fails before any model is loaded
 
 
 DESCRIPTION = (
@@ -78,9 +82,24 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> LightningMerge
     )
 
 
+# jsonargparse explains a bad key through every union subtype it tried; the useful clause is one of these.
+_ARGUMENT_PROBLEMS = re.compile(
+    r"(Option '[^']+' is not accepted|Key '[^']+' is not expected|[Uu]nrecognized arguments: \S+)"
+)
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split())
     return text or type(err).__name__
+
+
+def _argument_problem(err: BaseException) -> str:
+    text = _one_line(err)
+    problem = _ARGUMENT_PROBLEMS.search(text)
+    key = re.match(r'Parser key "([^"]+)"', text)
+    if problem:
+        return f"{key.group(1) + ': ' if key else ''}{problem.group(1).strip()}"
+    return text
 
 
 def _user_error(err: BaseException | None) -> LightningMergeError | None:
@@ -109,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {_one_line(user_error)}", file=sys.stderr)
             sys.exit(2)
         if type(err).__name__ == "ArgumentError":  # jsonargparse's bad key/value: one line, not a usage dump
-            print(f"error: {_one_line(err)} (see lm-merge --help)", file=sys.stderr)
+            print(f"error: {_argument_problem(err)} (see lm-merge --help)", file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -59,8 +60,11 @@ class MergeCallback(pl.Callback):
         self.permutations: dict[str, dict[str, Tensor]] = {}
         self._recorders: list[FeatureRecorder] = []
         self._special_ids: Tensor | None = None
+        self.timings: dict[str, float] = {}
+        self._start = 0.0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
         spec = pl_module.spec
         wanted = {g for method in self.methods.values() for g in method.group_names(spec)}
         groups = [g for g in spec.groups if g in wanted]
@@ -87,4 +91,6 @@ class MergeCallback(pl.Callback):
         self.statistics.load_state_tensors(reduced)
         if self.statistics.points and self.statistics.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
+        matched_at = time.perf_counter()
         self.permutations = {name: method.fit(self.statistics, pl_module.spec) for name, method in self.methods.items()}
+        self.timings = {"statistics_s": matched_at - self._start, "matching_s": time.perf_counter() - matched_at}

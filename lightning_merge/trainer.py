@@ -74,6 +74,7 @@ class MergeTrainer(pl.Trainer):
         start = time.perf_counter()
         self.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
         timings["curves_s"] = time.perf_counter() - start
+        timings["curve_points"] = len(model.methods) * len(model.lambdas)
         results = {**model.results, "timings": timings}
         self._write_outputs(run_dir, model, permutations, results, export_method, export_lambda, datamodule)
         return results
@@ -99,12 +100,10 @@ class MergeTrainer(pl.Trainer):
         self.callbacks.append(callback)
         loader = getattr(datamodule, "features_dataloader", datamodule.val_dataloader)
         try:
-            start = time.perf_counter()
             self.validate(model, dataloaders=loader(), verbose=False)
-            timings["statistics_and_matching_s"] = time.perf_counter() - start
         finally:
             self.callbacks.remove(callback)
-        timings["statistics_tokens"] = callback.statistics.token_count
+        timings.update(callback.timings, statistics_tokens=callback.statistics.token_count)
         return callback.permutations
 
     @rank_zero_only

@@ -163,7 +163,11 @@ class MergeStatistics:
             stats.merge(other.points[key])
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Every sum as ``"{point key}/{field}"`` -> tensor: all-reduce each with SUM, then `load_state_tensors`."""
+        """Every sum as ``"{point key}/{field}"`` -> tensor, in a fixed order (the same on every rank).
+
+        These are the live tensors, not copies: an in-place ``all_reduce(SUM)`` of each one combines the ranks'
+        statistics directly (`load_state_tensors` is for reduced copies).
+        """
         return {f"{key}/{name}": t for key, stats in self.points.items() for name, t in stats.state_tensors().items()}
 
     def load_state_tensors(self, tensors: Mapping[str, torch.Tensor]) -> None:

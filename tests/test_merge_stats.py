@@ -134,3 +134,13 @@ def test_statistics_from_another_spec_are_refused():
         partial.check_spec(tiny_spec(2), ["res"])
     with pytest.raises(ConfigError, match="no group 'ff.9'"):
         MergeStatistics(tiny_spec(2), groups=["ff.9"])
+
+
+def test_state_tensors_are_live_for_in_place_all_reduce():
+    spec = tiny_spec()
+    rank, other = MergeStatistics(spec), MergeStatistics(spec)
+    rank.update_from_features(features_for(spec, 20, 0), features_for(spec, 20, 1))
+    other.update_from_features(features_for(spec, 30, 2), features_for(spec, 30, 3))
+    for key, tensor in rank.state_tensors().items():
+        tensor.add_(other.state_tensors()[key])  # what dist.all_reduce(tensor) does in place
+    assert rank.token_count == 50

@@ -1,0 +1,209 @@
+"""End-to-end benchmark of `lm-merge merge`: statistics, matching, applying, curve evaluation, per preset.
+
+For each preset (random-init models, or two given HF checkpoints) one fresh subprocess runs the real merge pipeline
+(`MergeTrainer.merge` on an `InterpolationModule`) over synthetic token blocks, so peak memory is that preset's alone.
+Reported per preset: seconds per phase, feature tokens/s (both models), the cost of one (method, λ) curve point
+against one plain forward pass over the same evaluation data, peak memory (RSS on CPU, max allocated on GPU) against
+the two models' parameter memory, and the float64 statistics' bytes.
+
+Usage::
+
+    python benchmarks/merge_pipeline.py                         # tiny, mini, small on this machine's device
+    python benchmarks/merge_pipeline.py --presets base --feature-tokens 1048576 --eval-tokens 1048576 \\
+        --precision bf16-mixed --batch-size 256                 # the GPU target (BERT-base, 1 M + 1 M tokens)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import BertForMaskedLM
+
+from lightning_merge.io import atomic_write_text
+from lightning_merge.models import build_config
+from lightning_merge.modules.merge import InterpolationModule
+from lightning_merge.trainer import MergeTrainer
+
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "merge_pipeline.json"
+BLOCK = 128
+
+
+class Blocks(Dataset):
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors["input_ids"])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {k: v[index] for k, v in self.tensors.items()}
+
+
+class SyntheticBlocks(pl.LightningDataModule):
+    """Random token blocks: unmasked for statistics, with fixed 15% masks for the curves."""
+
+    def __init__(self, vocab: int, feature_tokens: int, eval_tokens: int, batch_size: int) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.batch_size = batch_size
+        self.features = self._blocks(vocab, feature_tokens, generator)
+        self.evaluation = self._blocks(vocab, eval_tokens, generator)
+        masked = torch.rand(self.evaluation["input_ids"].shape, generator=generator) < 0.15
+        self.evaluation["labels"] = torch.where(masked, self.evaluation["input_ids"], -100)
+        self.tokenizer = None
+
+    @staticmethod
+    def _blocks(vocab: int, tokens: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        ids = torch.randint(5, vocab, (max(1, tokens // BLOCK), BLOCK), generator=generator)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+    def features_dataloader(self) -> DataLoader:
+        return DataLoader(Blocks(self.features), batch_size=self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.features_dataloader()
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(Blocks(self.evaluation), batch_size=self.batch_size)
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision: str) -> float:
+    """One plain forward pass of the objective over the evaluation data: the floor of one curve point."""
+    device = module.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
+    start = time.perf_counter()
+    with torch.no_grad(), autocast:
+        for batch in loader:
+            module.objective({k: v.to(device) for k, v in batch.items()})
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _models(args: argparse.Namespace, root: Path) -> tuple[str, str, int]:
+    if args.model_a and args.model_b:
+        return args.model_a, args.model_b, BertForMaskedLM.from_pretrained(args.model_a).config.vocab_size
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        BertForMaskedLM(build_config(args.preset, vocab_size=args.vocab)).save_pretrained(root / name)
+    return str(root / "a"), str(root / "b"), args.vocab
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Benchmark one preset in this process; returns its row."""
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + libraries, before models
+    with tempfile.TemporaryDirectory() as tmp:
+        model_a, model_b, vocab = _models(args, Path(tmp))
+        data = SyntheticBlocks(vocab, args.feature_tokens, args.eval_tokens, args.batch_size)
+        lambdas = [i / (args.lambdas - 1) for i in range(args.lambdas)]
+        module = InterpolationModule(model_a, model_b, lambdas=lambdas)
+        trainer = MergeTrainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
+                               enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                               default_root_dir=str(Path(tmp) / "run"))
+        start = time.perf_counter()
+        results = trainer.merge(module, data, methods=args.methods, export_method=None)
+        total = time.perf_counter() - start
+        module.to(trainer.strategy.root_device)
+        apply_start = time.perf_counter()
+        module.endpoint_b(args.methods[-1])
+        apply_s = time.perf_counter() - apply_start
+        forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
+        device = trainer.strategy.root_device
+        params = sum(p.numel() * p.element_size() for p in module.model_a.parameters())
+    t = results["timings"]
+    return {
+        "preset": args.preset if not args.model_a else Path(args.model_a).name,
+        "device": str(device),
+        "precision": args.precision,
+        "feature_tokens": t.get("statistics_tokens", 0),
+        "eval_tokens": data.evaluation["input_ids"].numel(),
+        "statistics_s": t.get("statistics_s", 0.0),
+        "feature_tokens_per_s": 2 * t.get("statistics_tokens", 0) / max(t.get("statistics_s", 0.0), 1e-9),
+        "matching_s": t.get("matching_s", 0.0),
+        "apply_s": apply_s,
+        "curves_s": t["curves_s"],
+        "curve_points": t["curve_points"],
+        "per_point_s": t["curves_s"] / t["curve_points"],
+        "forward_s": forward_s,
+        "per_point_over_forward": t["curves_s"] / t["curve_points"] / forward_s,
+        "total_s": total,
+        "two_models_param_mib": 2 * params / 2**20,
+        "peak_mib": _peak_memory_bytes(device) / 2**20,
+        "peak_over_baseline_mib": (_peak_memory_bytes(device) - (0 if device.type == "cuda" else baseline)) / 2**20,
+    }
+
+
+COLUMNS = (
+    ("preset", "{}"), ("device", "{}"), ("feature_tokens", "{}"), ("statistics_s", "{:.2f}"),
+    ("feature_tokens_per_s", "{:.0f}"), ("matching_s", "{:.2f}"), ("apply_s", "{:.3f}"), ("curves_s", "{:.2f}"),
+    ("per_point_s", "{:.3f}"), ("forward_s", "{:.3f}"), ("per_point_over_forward", "{:.2f}"), ("total_s", "{:.1f}"),
+    ("two_models_param_mib", "{:.0f}"), ("peak_mib", "{:.0f}"), ("peak_over_baseline_mib", "{:.0f}"),
+)
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[name]) for name, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=["tiny", "mini", "small"])
+    parser.add_argument("--preset", help=argparse.SUPPRESS)  # one preset, in the subprocess
+    parser.add_argument("--model-a", help="HF dir of model A (instead of random-init presets)")
+    parser.add_argument("--model-b", help="HF dir of model B")
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--feature-tokens", type=int, default=65536)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lambdas", type=int, default=11)
+    parser.add_argument("--methods", nargs="+", default=["vanilla", "ff+attn+res"])
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.preset:
+        print("ROW " + json.dumps(run_one(args)), flush=True)
+        return
+    rows = []
+    presets = [args.model_a] if args.model_a else args.presets
+    for preset in presets:
+        argv_one = [a for a in (argv if argv is not None else sys.argv[1:])]
+        command = [sys.executable, __file__, *argv_one, "--preset", str(preset)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        row_lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
+        if result.returncode != 0 or not row_lines:
+            sys.exit(f"benchmark of {preset} failed:\n{result.stderr[-3000:]}")
+        rows.append(json.loads(row_lines[-1][4:]))
+        print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
+    info = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    atomic_write_text(args.output, json.dumps({"info": info, "args": vars(args) | {"output": str(args.output)},
+                                               "rows": rows}, indent=2) + "\n")
+    print(f"\n{table(rows)}\n\nwritten to {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -143,7 +143,7 @@ def test_configs_cover_every_task():
 
 
 def test_cli_fit_rt_polarity_end_to_end(models, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the recipe's relative checkpoint dir lands here
+    monkeypatch.chdir(tmp_path)  # whatever a recipe writes relative to the cwd stays out of the repo
     run = tmp_path / "run"
     args = [
         "--model.init_from",
@@ -158,3 +158,17 @@ def test_cli_fit_rt_polarity_end_to_end(models, tmp_path, monkeypatch):
     model = BertForSequenceClassification.from_pretrained(run / "hf")
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert (run / "hf" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_minilm_encoder_and_pooler_load_into_a_classifier():
+    from safetensors import safe_open
+
+    from lightning_merge.data.offline import minilm_dir
+
+    model = build_classifier(str(minilm_dir()), get_task("rt_polarity"))
+    with safe_open(str(minilm_dir() / "model.safetensors"), "pt") as weights:  # a BertModel: no "bert." prefix
+        assert torch.equal(model.bert.pooler.dense.weight, weights.get_tensor("pooler.dense.weight"))
+        assert torch.equal(
+            model.bert.encoder.layer[5].output.dense.weight, weights.get_tensor("encoder.layer.5.output.dense.weight")
+        )

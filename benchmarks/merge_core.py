@@ -39,6 +39,7 @@ from lightning_merge.merge.stats import MergeStatistics
 from lightning_merge.models import PRESETS, build_config
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "merge_core.json"
+REPEAT = 3  # matching and applying are timed best-of-3: on a shared machine single timings are noisy
 MATCHERS = ("ff", "attn[head_perm]", "attn[monotonic]", "attn[ignore_heads]", "res[all]")
 
 
@@ -81,15 +82,18 @@ class PeakMemory:
             self.peak_bytes = max(peak[0], self._rss()) - base
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    """Seconds one call of ``fn`` takes (synchronised on CUDA), and its result."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    result = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
+def timed(fn: Callable[[], object], device: torch.device, repeat: int = 1) -> tuple[float, object]:
+    """Seconds a call of ``fn`` takes, best of ``repeat`` (synchronised on CUDA), and its result."""
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        result = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best, result
 
 
 def correlated_features(spec: PermutationSpec, tokens: int, device: torch.device) -> tuple[dict, dict]:
@@ -108,28 +112,36 @@ def correlated_features(spec: PermutationSpec, tokens: int, device: torch.device
 
 
 def bench_statistics(spec: PermutationSpec, tokens: int, batch_tokens: int, device: torch.device) -> dict:
-    """Update time per kind (per million tokens), sums' bytes after 1x and 4x tokens, peak extra memory."""
+    """Update time per kind (per million tokens), sums' bytes after 1x and 4x tokens, peak extra memory.
+
+    Each kind's pass over ``tokens`` is timed best-of-`REPEAT` (the statistics keep accumulating meanwhile).
+    """
     feats_a, feats_b = correlated_features(spec, batch_tokens, device)
     batches = max(1, tokens // batch_tokens)
-    result: dict = {}
+    result: dict = {"tokens": batches * batch_tokens}
     statistics = {}
     for kind in ("ff", "attn", "res"):
         stats = MergeStatistics(spec, spec.groups_of_kind([kind]), device=device)
         memory = PeakMemory(device)
         with memory.measure():
-            seconds, _ = timed(lambda: [stats.update_from_features(feats_a, feats_b) for _ in range(batches)], device)
-        result[f"stats_{kind}_s_per_Mtok"] = seconds / (batches * batch_tokens) * 1e6
+            seconds, _ = timed(lambda: _passes(stats, feats_a, feats_b, batches), device, REPEAT)
+        result[f"stats_{kind}_s_per_Mtok"] = seconds / result["tokens"] * 1e6
         result[f"stats_{kind}_bytes"] = stats.nbytes()
         result[f"stats_{kind}_peak_extra_bytes"] = memory.peak_bytes
         statistics[kind] = stats
     result["stats_total_s_per_Mtok"] = sum(result[f"stats_{k}_s_per_Mtok"] for k in ("ff", "attn", "res"))
     result["stats_bytes"] = sum(s.nbytes() for s in statistics.values())
-    for _ in range(3 * batches):  # 4x the tokens in all: the sums must not grow
-        statistics["res"].update_from_features(feats_a, feats_b)
+    seen = statistics["res"].token_count
+    _passes(statistics["res"], feats_a, feats_b, 3 * REPEAT * batches)  # 4x the tokens in all: sums must not grow
+    assert statistics["res"].token_count == 4 * seen
     result["stats_res_bytes_after_4x_tokens"] = statistics["res"].nbytes()
     result["stats_memory_constant"] = result["stats_res_bytes_after_4x_tokens"] == result["stats_res_bytes"]
-    result["tokens"] = batches * batch_tokens
     return result | {"_statistics": statistics}
+
+
+def _passes(stats: MergeStatistics, feats_a: dict, feats_b: dict, batches: int) -> None:
+    for _ in range(batches):
+        stats.update_from_features(feats_a, feats_b)
 
 
 def bench_matching(spec: PermutationSpec, statistics: dict, all_groups: bool, device: torch.device) -> dict:
@@ -138,7 +150,7 @@ def bench_matching(spec: PermutationSpec, statistics: dict, all_groups: bool, de
     for name in MATCHERS:
         method = get_method(name)
         names = method.group_names(spec) if all_groups else method.group_names(spec)[:1]
-        seconds, _ = timed(lambda: method.fit(statistics[method.groups[0]], spec, groups=names), device)
+        seconds, _ = timed(lambda: method.fit(statistics[method.groups[0]], spec, groups=names), device, REPEAT)
         result[f"match_{name}_s_per_group"] = seconds / len(names)
         result[f"match_{name}_s_per_model"] = seconds / len(names) * len(method.group_names(spec))
     return result
@@ -147,8 +159,8 @@ def bench_matching(spec: PermutationSpec, statistics: dict, all_groups: bool, de
 def bench_apply(model: torch.nn.Module, spec: PermutationSpec, device: torch.device) -> dict:
     state = {name: tensor.to(device) for name, tensor in model.state_dict().items()}
     perms = {name: perm.to(device) for name, perm in random_permutations(spec, torch.Generator()).items()}
-    apply_seconds, permuted = timed(lambda: apply_permutations(state, spec, perms), device)
-    interpolate_seconds, _ = timed(lambda: interpolate_state_dicts(state, permuted, 0.5), device)
+    apply_seconds, permuted = timed(lambda: apply_permutations(state, spec, perms), device, REPEAT)
+    interpolate_seconds, _ = timed(lambda: interpolate_state_dicts(state, permuted, 0.5), device, REPEAT)
     parameters = sum(t.numel() for n, t in state.items() if n not in spec.ties)
     return {"parameters": parameters, "apply_s": apply_seconds, "interpolate_s": interpolate_seconds}
 

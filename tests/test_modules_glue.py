@@ -12,7 +12,7 @@ import pytorch_lightning as pl
 import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification
 
-from lightning_merge.cli import build_cli
+from lightning_merge.cli import build_cli, main
 from lightning_merge.data.glue import TASKS, GLUEDataModule, get_task
 from lightning_merge.data.tokenizer import train_wordpiece
 from lightning_merge.errors import CheckpointError, ConfigError
@@ -158,6 +158,15 @@ def test_cli_fit_rt_polarity_end_to_end(models, tmp_path, monkeypatch):
     model = BertForSequenceClassification.from_pretrained(run / "hf")
     assert model.config.id2label == {0: "negative", 1: "positive"}
     assert (run / "hf" / "tokenizer.json").is_file()
+
+
+def test_cli_bad_task_is_one_line(models, capsys):
+    config = str(CONFIGS[0].parent / "rt_polarity.yaml")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", config, "--model.init_from", models["seed0"], "--data.task", "sst3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: unknown task 'sst3'; known tasks: cola, sst2")
 
 
 @pytest.mark.slow

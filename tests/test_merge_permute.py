@@ -75,6 +75,15 @@ def test_random_permutation_preserves_logits(model_class, kinds):
 
 
 @torch.no_grad()
+def test_untied_mlm_decoder_is_exact():
+    model = BertForMaskedLM(BertConfig(**{**tiny_config().to_dict(), "tie_word_embeddings": False})).double().eval()
+    perms = random_permutations(spec_for_model(model), torch.Generator().manual_seed(9))
+    permuted = permuted_copy(model, perms)
+    assert permuted.cls.predictions.decoder.weight is not permuted.bert.embeddings.word_embeddings.weight
+    assert (permuted(**batch()).logits - model(**batch()).logits).abs().max().item() <= TOLERANCE
+
+
+@torch.no_grad()
 def test_bert_model_hidden_states_come_out_permuted_by_res():
     model = random_model(BertModel)
     perms = random_permutations(spec_for_model(model), torch.Generator().manual_seed(2))

@@ -145,3 +145,12 @@ def test_merge_package_does_not_import_lightning():
         imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
         imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
         assert not [m for m in imported if m.split(".")[0] in {"lightning", "pytorch_lightning"}], path.name
+
+
+def test_untied_mlm_decoder_is_its_own_weight():
+    spec = spec_for_model(BertForMaskedLM(tiny_config(tie_word_embeddings=False)))
+    assert not spec.ties
+    assert spec.axes["cls.predictions.decoder.weight"] == (None, "res")
+    assert spec.axes["cls.predictions.decoder.bias"] == (None,)
+    with pytest.raises(ArchitectureMismatch, match="tie_word_embeddings: True vs False"):
+        spec_for_pair(BertForMaskedLM(tiny_config()), BertForMaskedLM(tiny_config(tie_word_embeddings=False)))

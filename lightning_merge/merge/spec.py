@@ -13,9 +13,10 @@ Groups (all perms index the feature axis they act on; see `lightning_merge.merge
   ``head_dim``): rows + bias of query, key and value share it (so QKᵀ is unchanged), columns of the attention output.
 - ``res``: one permutation of the whole residual stream.
 
-The MLM decoder is tied to the word embeddings: the spec declares the tie (``ties``) and gives the decoder weight the
-same axes (``(None, res)``); the decoder reads the transform's output in the word-embedding basis, so the transform's
-rows, bias and LayerNorm move with ``res`` as well. The decoder's per-vocab bias is not permuted.
+The MLM decoder is tied to the word embeddings (unless the config unties them): the spec declares the tie (``ties``)
+and gives the decoder weight the same axes (``(None, res)``); the decoder reads the transform's output in the
+word-embedding basis, so the transform's rows, bias and LayerNorm move with ``res`` as well. The decoder's per-vocab
+bias is not permuted.
 """
 
 from __future__ import annotations
@@ -259,22 +260,26 @@ def _layer_weights(build: _SpecBuilder, names: FamilyNames, layer: str, i: int) 
     build.norm(f"{layer}.{names.ff_norm}", RESIDUAL)
 
 
-def _pooler_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
+def _pooler_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
     # The pooler reads the residual stream; its tanh output feeds the classifier in its own (unpermuted) basis.
     build.dense(prefix + names.pooler, None, RESIDUAL)
 
 
-def _classifier_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
+def _classifier_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
     build.dense(names.classifier, None, None)
 
 
-def _mlm_head(build: _SpecBuilder, names: FamilyNames, prefix: str) -> None:
-    # The decoder is the word-embedding matrix, so the transform's output must live in the residual basis too.
+def _mlm_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
+    # The decoder reads the transform's output against vocab rows in the residual basis (tied or not), so the
+    # transform's output must move with the residual permutation too.
     build.dense(names.mlm_transform, RESIDUAL, RESIDUAL)
     build.norm(names.mlm_norm, RESIDUAL)
     build.vector(names.mlm_bias, None)
-    build.tie(f"{names.mlm_decoder}.weight", f"{prefix}{names.word_embeddings}.weight")
-    build.tie(f"{names.mlm_decoder}.bias", names.mlm_bias)
+    if getattr(config, "tie_word_embeddings", True):
+        build.tie(f"{names.mlm_decoder}.weight", f"{prefix}{names.word_embeddings}.weight")
+        build.tie(f"{names.mlm_decoder}.bias", names.mlm_bias)
+    else:  # untied (transformers also unties the decoder bias then): its own weights, vocab rows unpermuted
+        build.dense(names.mlm_decoder, None, RESIDUAL)
 
 
 HEAD_BUILDERS = {"pooler": _pooler_head, "classifier": _classifier_head, "mlm": _mlm_head}
@@ -355,9 +360,11 @@ def bert_spec(
     for i in range(config.num_hidden_layers):
         _layer_weights(build, names, prefix + names.layer.format(i=i), i)
     for head in heads:
-        HEAD_BUILDERS[head](build, names, prefix)
+        HEAD_BUILDERS[head](build, names, prefix, config)
     fields = [("architecture", name)] + [(f, getattr(config, f, None)) for f in _SHAPE_FIELDS]
     fields += [("pooler", "pooler" in heads)]
+    if "mlm" in heads:
+        fields.append(("tie_word_embeddings", bool(getattr(config, "tie_word_embeddings", True))))
     if "classifier" in heads:
         fields.append(("num_labels", config.num_labels))
     points = _points(config, names, prefix)
@@ -375,7 +382,11 @@ def spec_for_model(model: torch.nn.Module) -> PermutationSpec:
     pooler_module = arch.prefix + FAMILIES[arch.family].pooler
     has_pooler = _get_module(model, pooler_module) is not None
     spec = bert_spec(model.config, name, pooler=has_pooler)
-    spec.check_state_dict(model.state_dict())
+    state = model.state_dict()
+    spec.check_state_dict(state)
+    untied = [a for a, s in spec.ties.items() if a in state and state[a].data_ptr() != state[s].data_ptr()]
+    if untied:
+        raise ArchitectureMismatch(f"{untied[0]} is not tied to {spec.ties[untied[0]]} although the config ties them")
     return spec
 
 

@@ -68,7 +68,7 @@ class SyntheticBlocks(pl.LightningDataModule):
         ids = torch.randint(5, vocab, (max(1, tokens // BLOCK), BLOCK), generator=generator)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
-    def features_dataloader(self) -> DataLoader:
+    def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
         return DataLoader(Blocks(self.features), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:

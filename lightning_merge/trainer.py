@@ -11,6 +11,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import save_file
 
@@ -46,21 +47,26 @@ class MergeTrainer(pl.Trainer):
         export_method: str | None = "ff+attn+res",
         export_lambda: float = 0.5,
         exclude_special_tokens: bool = False,
+        statistics_split: str = "train",
+        statistics_max_blocks: int | None = 512,
         overwrite: bool = False,
     ) -> dict[str, Any]:
         """Align model B to model A with every method and measure the loss barrier of each.
 
         One statistics pass (validation loop over the datamodule's feature batches) serves every method; the
-        barrier curves come from one test loop. Outputs go to ``trainer.default_root_dir``.
+        barrier curves come from one test loop over the (first) validation loader, whose masks are fixed. Outputs
+        go to ``trainer.default_root_dir``.
 
         Args:
             model: the `InterpolationModule` holding models A and B.
-            datamodule: gives ``features_dataloader()`` (or ``val_dataloader()``) for statistics and
-                ``test_dataloader()`` for the curves.
+            datamodule: gives ``features_dataloader(split, max_blocks)`` (unmasked text; else its validation
+                inputs) for statistics and ``val_dataloader()`` for the curves.
             methods: merge method names (default: the paper's comparisons, `DEFAULT_METHODS`).
             export_method: method whose λ = ``export_lambda`` model is saved to ``merged/`` (None: none).
             export_lambda: λ of the exported merged model.
             exclude_special_tokens: leave special tokens out of the statistics.
+            statistics_split: split whose text feeds the statistics (with ``features_dataloader``).
+            statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
             overwrite: replace the outputs of an earlier run in the same directory.
         """
         methods = list(methods or DEFAULT_METHODS)
@@ -69,10 +75,11 @@ class MergeTrainer(pl.Trainer):
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, float] = {}
-        permutations = self._fit_permutations(model, datamodule, methods, exclude_special_tokens, timings)
-        model.set_methods(permutations, _task_metric(datamodule))
+        statistics = _statistics_loader(datamodule, statistics_split, statistics_max_blocks)
+        permutations = self._fit_permutations(model, datamodule, statistics, methods, exclude_special_tokens, timings)
+        model.set_methods(permutations, _task_metrics(datamodule))
         start = time.perf_counter()
-        self.test(model, dataloaders=datamodule.test_dataloader(), verbose=False)
+        self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
         timings["curves_s"] = time.perf_counter() - start
         timings["curve_points"] = len(model.methods) * len(model.lambdas)
         results = {**model.results, "timings": timings}
@@ -90,7 +97,8 @@ class MergeTrainer(pl.Trainer):
             )
 
     def _fit_permutations(
-        self, model: InterpolationModule, datamodule: Any, methods: Sequence[str], exclude_special: bool, timings: dict
+        self, model: InterpolationModule, datamodule: Any, loader: Any, methods: Sequence[str], exclude_special: bool,
+        timings: dict,
     ) -> dict[str, dict[str, torch.Tensor]]:
         if not any(get_method(name).groups for name in methods):
             return {name: {} for name in methods}  # nothing to align: no statistics pass needed
@@ -98,9 +106,8 @@ class MergeTrainer(pl.Trainer):
         special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
         callback = MergeCallback(methods, special_token_ids=special_ids)
         self.callbacks.append(callback)
-        loader = getattr(datamodule, "features_dataloader", datamodule.val_dataloader)
         try:
-            self.validate(model, dataloaders=loader(), verbose=False)
+            self.validate(model, dataloaders=loader, verbose=False)
         finally:
             self.callbacks.remove(callback)
         timings.update(callback.timings, statistics_tokens=callback.statistics.token_count)
@@ -116,7 +123,10 @@ class MergeTrainer(pl.Trainer):
                 for group, perm in perms.items()}
         with atomic_file(run_dir / "permutations.safetensors") as tmp:
             save_file(flat, str(tmp), metadata={"methods": json.dumps(list(permutations))})
-        table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"], BARRIER_COLUMNS)
+        metric_columns = [k for k in next(iter(results["barriers"].values())) if k.endswith(("_barrier", "_a", "_b"))
+                          and k not in BARRIER_COLUMNS]
+        table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"],
+                             [*BARRIER_COLUMNS, *metric_columns])
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         if export_method is not None:
             self._export_merged(run_dir / "merged", model, export_method, export_lambda, datamodule)
@@ -135,9 +145,26 @@ class MergeTrainer(pl.Trainer):
                 tokenizer.save_pretrained(tmp)
 
 
-BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "metric_barrier", "metric_a", "metric_b")
+BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b")
 
 
-def _task_metric(datamodule: Any) -> Any:
-    factory = getattr(datamodule, "merge_metric", None)
-    return factory() if callable(factory) else None
+def _first(loaders: Any) -> Any:
+    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+
+
+def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None) -> Any:
+    """Unmasked text of ``split`` when the datamodule offers it (MLM), else its (first) validation inputs."""
+    features = getattr(datamodule, "features_dataloader", None)
+    if callable(features):
+        return features(split=split, max_blocks=max_blocks)
+    return _first(datamodule.val_dataloader())
+
+
+def _task_metrics(datamodule: Any) -> torchmetrics.MetricCollection | None:
+    """The task metrics of a classification datamodule (a GLUE task), evaluated along λ beside the loss."""
+    task = getattr(datamodule, "task", None)
+    if task is None or not hasattr(task, "metrics"):
+        return None
+    from lightning_merge.modules.glue import task_metrics
+
+    return task_metrics(task)

@@ -40,7 +40,7 @@ class RandomTokens(pl.LightningDataModule):
         ]
         return DataLoader(rows, batch_size=4)
 
-    def features_dataloader(self) -> DataLoader:
+    def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
         return self._loader(False)
 
     def val_dataloader(self) -> DataLoader:
@@ -137,3 +137,32 @@ def test_different_architectures_are_refused(tmp_path, permuted_pair) -> None:
     BertForMaskedLM(tiny_config(vocab_size=VOCAB + 1)).save_pretrained(tmp_path / "vocab")
     with pytest.raises(ArchitectureMismatch, match="vocab_size"):
         InterpolationModule(str(model_a), str(tmp_path / "vocab"))
+
+
+class RandomSentences(RandomTokens):
+    """Random token sequences with binary labels, posing as the offline sentiment task."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from lightning_merge.data.glue import get_task
+
+        self.task = get_task("rt_polarity")
+        self.labels = torch.randint(0, 2, (len(self.input_ids),), generator=torch.Generator().manual_seed(1))
+
+
+def test_classifier_merge_reports_metric_barriers(tmp_path) -> None:
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(2)
+    for name in ("a", "b"):
+        BertForSequenceClassification(tiny_config(num_labels=2)).save_pretrained(tmp_path / name)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
+    module = InterpolationModule(str(tmp_path / "a"), str(tmp_path / "b"), task="sequence_classification",
+                                 lambdas=[0, 0.5, 1])
+    results = trainer.merge(module, RandomSentences(), methods=["vanilla", "ff+attn+res"])
+    for method in ("vanilla", "ff+attn+res"):
+        accuracy = results["curves"][method]["accuracy"]
+        assert len(accuracy) == 3 and all(0.0 <= a <= 1.0 for a in accuracy)
+        assert results["barriers"][method]["accuracy_barrier"] >= 0.0
+    assert "accuracy_barrier" in (tmp_path / "run" / "barriers.json").read_text()

@@ -135,15 +135,20 @@ class InterpolationModule(PairModule):
         self.results: dict | None = None
 
     def set_methods(
-        self, permutations: Mapping[str, Mapping[str, Tensor]], task_metric: torchmetrics.Metric | None = None
+        self,
+        permutations: Mapping[str, Mapping[str, Tensor]],
+        task_metrics: torchmetrics.MetricCollection | None = None,
     ) -> None:
-        """Methods to evaluate: name -> permutations of model B (empty mapping: vanilla averaging)."""
+        """Methods to evaluate: name -> permutations of model B (empty mapping: vanilla averaging).
+
+        ``task_metrics`` (e.g. accuracy for a classifier) are cloned for every (method, λ) point.
+        """
         if not permutations:
             raise ConfigError("no merge method to evaluate; pass at least one method")
         self.methods = {name: dict(perms) for name, perms in permutations.items()}
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
         points = len(self.methods) * len(self.lambdas)
-        self.task_metrics = nn.ModuleList([task_metric.clone() for _ in range(points)] if task_metric else [])
+        self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
     def _parameter_names(self) -> list[str]:
@@ -190,17 +195,19 @@ class InterpolationModule(PairModule):
 
     def _add_task_curve(self, m: int, curve: dict, barrier: dict) -> None:
         points = self.task_metrics[m * len(self.lambdas) : (m + 1) * len(self.lambdas)]
-        values = [float(metric.compute()) for metric in points]
-        curve["metric"] = values
-        # a metric should be high: its barrier is the largest drop below the line between the endpoints
-        drops = loss_barrier(self.lambdas, [-v for v in values])
-        barrier.update(metric_barrier=drops["barrier"], metric_barrier_midpoint=drops["barrier_midpoint"])
-        barrier.update(metric_a=values[0], metric_b=values[-1])
-        for metric in points:
-            metric.reset()
+        values = [{name: float(v) for name, v in metrics.compute().items()} for metrics in points]
+        for name in values[0]:
+            curve[name] = [point[name] for point in values]
+            # a metric should be high: its barrier is the largest drop below the line between the endpoints
+            drop = loss_barrier(self.lambdas, [-v for v in curve[name]])
+            barrier.update({f"{name}_barrier": drop["barrier"], f"{name}_barrier_midpoint": drop["barrier_midpoint"],
+                            f"{name}_a": curve[name][0], f"{name}_b": curve[name][-1]})
+        for metrics in points:
+            metrics.reset()
 
     def _log_curve(self, method: str, curve: Mapping[str, list[float]], barrier: Mapping[str, float]) -> None:
-        for lam, loss in zip(self.lambdas, curve["loss"]):
-            self.log(f"test/{method}/loss@lambda={lam:.2f}", loss, rank_zero_only=True)
+        for name, values in curve.items():
+            for lam, value in zip(self.lambdas, values):
+                self.log(f"test/{method}/{name}@lambda={lam:.2f}", value, rank_zero_only=True)
         for key, value in barrier.items():
             self.log(f"test/{key}/{method}", value, rank_zero_only=True)

@@ -53,10 +53,10 @@ class MLMModule(pl.LightningModule):
         """
         hp = self.hparams
         if hp.init_from is not None:
-            model = load_pretrained(hp.init_from, BertForMaskedLM)
+            model = load_pretrained(hp.init_from, BertForMaskedLM).train()  # from_pretrained returns eval mode
         else:
             if vocab_size is None:
-                raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) to size its vocab")
+                raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) for its vocab")
             overrides = dict(hp.config_overrides or {})
             config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, **overrides)
             model = BertForMaskedLM(config)

@@ -120,3 +120,11 @@ def test_lambda_grid():
     assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0 and grid[10] == 0.5
     with pytest.raises(ConfigError):
         lambda_grid(0.0)
+
+
+def test_check_lambdas_before_any_curve():
+    from lightning_merge.merge.interpolate import check_lambdas
+
+    assert check_lambdas([0, 0.5, 1]) == [0.0, 0.5, 1.0]
+    with pytest.raises(ConfigError, match="must contain 1"):
+        check_lambdas([0.0, 0.5])

@@ -35,16 +35,24 @@ class Stage:
     run_dir: Path
     argv: tuple[str, ...]
     outputs: tuple[str, ...]
+    inputs: tuple[Path, ...] = ()  # run dirs of the stages this one reads
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.argv).encode()).hexdigest()[:16]
+        """Hash of the arguments and of the inputs' own fingerprints: a rerun upstream stage reruns this one too."""
+        upstream = [_recorded_fingerprint(path) for path in self.inputs]
+        return hashlib.sha256(json.dumps([self.argv, upstream]).encode()).hexdigest()[:16]
 
     def is_complete(self) -> bool:
         marker = self.run_dir / COMPLETE_MARKER
         if not marker.is_file() or not all((self.run_dir / out).exists() for out in self.outputs):
             return False
         return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+
+
+def _recorded_fingerprint(run_dir: Path) -> str | None:
+    marker = run_dir / COMPLETE_MARKER
+    return json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
 
 
 @dataclass
@@ -79,14 +87,15 @@ def _finetune_stages(root: Path, seeds: list[int], tasks: dict[str, TaskSpec]) -
             argv = ("fit", "--config", spec.fit_config, "--seed_everything", str(seed),
                     "--trainer.default_root_dir", str(run_dir),
                     "--model.init_args.init_from", str(root / "pretrain" / f"seed{seed}" / "hf"), *spec.fit_args)
-            stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",)))
+            pretrained = root / "pretrain" / f"seed{seed}"
+            stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",), (pretrained,)))
     return stages
 
 
 def _merge_stage(name: str, run_dir: Path, config: str, model_a: Path, model_b: Path, extra: list[str]) -> Stage:
     argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
             "--model.init_args.model_a", str(model_a), "--model.init_args.model_b", str(model_b), *extra)
-    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"))
+    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"), (model_a.parent, model_b.parent))
 
 
 def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:

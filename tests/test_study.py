@@ -1,0 +1,138 @@
+"""`lm-merge reproduce`: stage bookkeeping (skip, restart, fail), the report tables, and a tiny real study."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lightning_merge.errors import ConfigError
+from lightning_merge.study import COMPLETE_MARKER, StageError, TaskSpec, reproduce, study_stages
+from lightning_merge.study_report import mean_se, write_study_report
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("vanilla", "ff", "ff+attn[head_perm]", "ff+attn[monotonic]", "ff+attn[ignore_heads]", "res[first]",
+           "res[last]", "res[all]", "ff+attn+res")
+
+
+def fake_results(barrier: float, metric: str | None = None) -> dict:
+    lambdas = [0.0, 0.5, 1.0]
+    curves, barriers = {}, {}
+    for i, method in enumerate(METHODS):
+        height = barrier / (i + 1)
+        curves[method] = {"loss": [1.0, 1.0 + height, 1.0]}
+        barriers[method] = {"barrier": height, "barrier_midpoint": height, "loss_a": 1.0, "loss_b": 1.0}
+        if metric:
+            curves[method][metric] = [0.8, 0.8 - height / 10, 0.8]
+            barriers[method][f"{metric}_barrier"] = height / 10
+    return {"lambdas": lambdas, "curves": curves, "barriers": barriers}
+
+
+class FakeLm:
+    """Stands in for the `lm-merge` subprocess: writes each stage's outputs, records calls, can fail or die."""
+
+    def __init__(self, fail_on: str | None = None, die_on: str | None = None) -> None:
+        self.calls: list[list[str]] = []
+        self.fail_on, self.die_on = fail_on, die_on
+
+    def __call__(self, command: list[str], stdout=None, stderr=None) -> subprocess.CompletedProcess:
+        argv = command[3:]
+        self.calls.append(argv)
+        run_dir = Path(argv[argv.index("--trainer.default_root_dir") + 1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "partial").write_text("started")
+        if self.die_on and self.die_on in str(run_dir):
+            raise KeyboardInterrupt  # the user killed the study mid-stage
+        if self.fail_on and self.fail_on in str(run_dir):
+            stdout.write("error: something broke\n")
+            return subprocess.CompletedProcess(command, 2)
+        if argv[0] == "fit":
+            (run_dir / "hf").mkdir(exist_ok=True)
+            (run_dir / "hf" / "config.json").write_text("{}")
+        else:
+            metric = "accuracy" if "rt_polarity" in str(run_dir) else None
+            (run_dir / "barriers.json").write_text("{}")
+            (run_dir / "curves.csv").write_text("")
+            (run_dir / "results.json").write_text(json.dumps(fake_results(0.3 + len(self.calls) / 100, metric)))
+        return subprocess.CompletedProcess(command, 0)
+
+
+TASKS = {"rt_polarity": TaskSpec("configs/glue/rt_polarity.yaml", merge_args=["--data.init_args.task", "rt_polarity"])}
+
+
+def test_stages_cover_seeds_tasks_and_pairs(tmp_path) -> None:
+    stages = study_stages(tmp_path, [0, 1, 2], "p.yaml", [], "m.yaml", [], TASKS)
+    names = [stage.name for stage in stages]
+    assert names[:3] == ["pretrain seed 0", "pretrain seed 1", "pretrain seed 2"]
+    assert sum(name.startswith("fine-tune") for name in names) == 3
+    assert sum(name.startswith("merge mlm") for name in names) == 3
+    assert sum(name.startswith("merge rt_polarity") for name in names) == 3
+    merge = next(stage for stage in stages if stage.name == "merge rt_polarity seed0-seed2")
+    assert str(tmp_path / "finetune/rt_polarity/seed2/hf") in merge.argv and "rt_polarity" in merge.argv
+
+
+def test_rerun_skips_complete_stages_and_restarts_interrupted_ones(tmp_path, monkeypatch) -> None:
+    study = tmp_path / "study"
+    dying = FakeLm(die_on="merge/mlm/seed0-seed1")
+    monkeypatch.setattr(subprocess, "run", dying)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(str(study), [0, 1], tasks=TASKS)
+    assert (study / "merge/mlm/seed0-seed1/partial").exists()
+    assert not (study / "merge/mlm/seed0-seed1" / COMPLETE_MARKER).exists()
+    rerun = FakeLm()
+    monkeypatch.setattr(subprocess, "run", rerun)
+    report = reproduce(str(study), [0, 1], tasks=TASKS)
+    assert [argv[0] for argv in rerun.calls] == ["merge", "merge"]  # the interrupted merge and the task merge only
+    assert (report / "report.md").is_file()
+    again = FakeLm()
+    monkeypatch.setattr(subprocess, "run", again)
+    reproduce(str(study), [0, 1], tasks=TASKS)
+    assert again.calls == []
+
+
+def test_changed_arguments_rerun_a_stage_and_what_depends_on_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(subprocess, "run", FakeLm())
+    reproduce(str(tmp_path), [0, 1])
+    changed = FakeLm()
+    monkeypatch.setattr(subprocess, "run", changed)
+    reproduce(str(tmp_path), [0, 1], pretrain_args=["--trainer.max_steps", "5"])
+    assert [argv[0] for argv in changed.calls] == ["fit", "fit", "merge"]  # new pretraining invalidates the merge
+
+
+def test_failed_stage_names_its_log(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(subprocess, "run", FakeLm(fail_on="pretrain/seed1"))
+    with pytest.raises(StageError, match=r"pretrain seed 1.*pretrain_seed_1\.log.*something broke"):
+        reproduce(str(tmp_path), [0, 1])
+    assert (tmp_path / "pretrain/seed0" / COMPLETE_MARKER).is_file()
+
+
+def test_a_study_needs_two_distinct_seeds(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="two distinct seeds"):
+        reproduce(str(tmp_path), [3, 3])
+
+
+def test_report_tables_have_every_row_filled(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(subprocess, "run", FakeLm())
+    report = reproduce(str(tmp_path), [0, 1, 2], tasks=TASKS)
+    text = (report / "report.md").read_text()
+    for heading in ("Table 1", "Table 2", "Table 3"):
+        assert heading in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line and "task" not in line]
+    assert rows and all("–" not in row for row in rows)
+    assert "rt_polarity (accuracy)" in text
+    for png in ("mlm_attention.png", "mlm_residual.png", "rt_polarity.png"):
+        assert (report / png).stat().st_size > 0
+    assert set(json.loads((report / "pairs.json").read_text())) == {"mlm", "rt_polarity"}
+
+
+def test_mean_and_standard_error() -> None:
+    assert mean_se([1.0]) == (1.0, 0.0)
+    mean, se = mean_se([1.0, 2.0, 3.0])
+    assert mean == 2.0 and se == pytest.approx((1.0 / 3) ** 0.5)
+
+
+def test_report_of_an_incomplete_study_names_the_missing_pair(tmp_path) -> None:
+    with pytest.raises(Exception, match="seed0-seed1"):
+        write_study_report(tmp_path, [0, 1], [])

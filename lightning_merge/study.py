@@ -79,23 +79,28 @@ def _pretrain_stages(root: Path, seeds: list[int], config: str, extra: list[str]
     ]
 
 
-def _finetune_stages(root: Path, seeds: list[int], tasks: dict[str, TaskSpec]) -> list[Stage]:
+def _finetune_stages(root: Path, models: dict[int, str], tasks: dict[str, TaskSpec]) -> list[Stage]:
     stages = []
     for task, spec in tasks.items():
-        for seed in seeds:
+        for seed, model in models.items():
             run_dir = root / "finetune" / task / f"seed{seed}"
             argv = ("fit", "--config", spec.fit_config, "--seed_everything", str(seed),
-                    "--trainer.default_root_dir", str(run_dir),
-                    "--model.init_args.init_from", str(root / "pretrain" / f"seed{seed}" / "hf"), *spec.fit_args)
-            pretrained = root / "pretrain" / f"seed{seed}"
-            stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",), (pretrained,)))
+                    "--trainer.default_root_dir", str(run_dir), "--model.init_args.init_from", model, *spec.fit_args)
+            stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",),
+                                _run_dirs_of(model)))
     return stages
 
 
-def _merge_stage(name: str, run_dir: Path, config: str, model_a: Path, model_b: Path, extra: list[str]) -> Stage:
+def _run_dirs_of(*models: str) -> tuple[Path, ...]:
+    """The stage run dirs behind model paths (``<run>/hf``); hub ids have none."""
+    return tuple(Path(m).parent for m in models if Path(m).name == "hf")
+
+
+def _merge_stage(name: str, run_dir: Path, config: str, model_a: str, model_b: str, extra: list[str]) -> Stage:
     argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
-            "--model.init_args.model_a", str(model_a), "--model.init_args.model_b", str(model_b), *extra)
-    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"), (model_a.parent, model_b.parent))
+            "--model.init_args.model_a", model_a, "--model.init_args.model_b", model_b,
+            "--data.init_args.tokenizer", model_a, *extra)
+    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"), _run_dirs_of(model_a, model_b))
 
 
 def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
@@ -133,6 +138,7 @@ def reproduce(
     seeds: list[int] | None = None,
     pretrain_config: str = "configs/mlm.yaml",
     pretrain_args: list[str] | None = None,
+    pretrained: str | None = None,
     mlm_merge_config: str = "configs/merge/mlm.yaml",
     merge_args: list[str] | None = None,
     tasks: dict[str, TaskSpec] | None = None,
@@ -144,6 +150,8 @@ def reproduce(
         seeds: pretraining seeds; every pair of them is merged (default 0, 1, 2).
         pretrain_config: ``lm-merge fit`` config for pretraining.
         pretrain_args: extra ``lm-merge fit`` arguments for pretraining (e.g. ``--trainer.max_steps``).
+        pretrained: use existing models instead of pretraining: a template with ``{seed}``, e.g.
+            ``google/multiberts-seed_{seed}`` (hub ids or local paths).
         mlm_merge_config: ``lm-merge merge`` config for the pretrained MLMs.
         merge_args: extra ``lm-merge merge`` arguments for every merge (e.g. ``--methods``).
         tasks: fine-tuning task name -> `TaskSpec` (fit and merge configs).
@@ -158,7 +166,7 @@ def reproduce(
         raise ConfigError(f"a study needs at least two distinct seeds, got {seeds}")
     root = Path(study_dir)
     stages = study_stages(root, seeds, pretrain_config, pretrain_args or [], mlm_merge_config, merge_args or [],
-                          tasks or {})
+                          tasks or {}, pretrained)
     for index, stage in enumerate(stages, start=1):
         _run_stage(stage, index, len(stages), root / "logs")
     return write_study_report(root, seeds, list((tasks or {}).keys()))
@@ -166,19 +174,21 @@ def reproduce(
 
 def study_stages(
     root: Path, seeds: list[int], pretrain_config: str, pretrain_args: list[str], mlm_merge_config: str,
-    merge_args: list[str], tasks: dict[str, TaskSpec],
+    merge_args: list[str], tasks: dict[str, TaskSpec], pretrained: str | None = None,
 ) -> list[Stage]:
     """Every stage of a study, in the order they run."""
-    stages = _pretrain_stages(root, seeds, pretrain_config, pretrain_args)
-    stages += _finetune_stages(root, seeds, tasks)
+    if pretrained is None:
+        stages = _pretrain_stages(root, seeds, pretrain_config, pretrain_args)
+        models = {seed: str(root / "pretrain" / f"seed{seed}" / "hf") for seed in seeds}
+    else:
+        stages, models = [], {seed: pretrained.format(seed=seed) for seed in seeds}
+    stages += _finetune_stages(root, models, tasks)
     for a, b in _pairs(seeds):
         pair = f"seed{a}-seed{b}"
-        models = [root / "pretrain" / f"seed{s}" / "hf" for s in (a, b)]
-        stages.append(_merge_stage(f"merge mlm {pair}", root / "merge" / "mlm" / pair, mlm_merge_config, *models,
-                                   [*merge_args, "--data.init_args.tokenizer", str(models[0])]))
+        stages.append(_merge_stage(f"merge mlm {pair}", root / "merge" / "mlm" / pair, mlm_merge_config, models[a],
+                                   models[b], merge_args))
         for task, spec in tasks.items():
-            models = [root / "finetune" / task / f"seed{s}" / "hf" for s in (a, b)]
+            task_a, task_b = (str(root / "finetune" / task / f"seed{s}" / "hf") for s in (a, b))
             stages.append(_merge_stage(f"merge {task} {pair}", root / "merge" / task / pair, spec.merge_config,
-                                       *models, [*merge_args, *spec.merge_args,
-                                                 "--data.init_args.tokenizer", str(models[0])]))
+                                       task_a, task_b, [*merge_args, *spec.merge_args]))
     return stages

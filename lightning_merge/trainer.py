@@ -49,6 +49,7 @@ class MergeTrainer(pl.Trainer):
         exclude_special_tokens: bool = False,
         statistics_split: str = "train",
         statistics_max_blocks: int | None = 512,
+        statistics_data: pl.LightningDataModule | None = None,
         overwrite: bool = False,
     ) -> dict[str, Any]:
         """Align model B to model A with every method and measure the loss barrier of each.
@@ -67,6 +68,8 @@ class MergeTrainer(pl.Trainer):
             exclude_special_tokens: leave special tokens out of the statistics.
             statistics_split: split whose text feeds the statistics (with ``features_dataloader``).
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
+            statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
+                paper); default: ``datamodule``.
             overwrite: replace the outputs of an earlier run in the same directory.
         """
         methods = list(methods or DEFAULT_METHODS)
@@ -75,7 +78,10 @@ class MergeTrainer(pl.Trainer):
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, float] = {}
-        statistics = _statistics_loader(datamodule, statistics_split, statistics_max_blocks)
+        if statistics_data is not None:
+            statistics_data.setup("validate")
+            model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
+        statistics = _statistics_loader(statistics_data or datamodule, statistics_split, statistics_max_blocks)
         permutations = self._fit_permutations(model, datamodule, statistics, methods, exclude_special_tokens, timings)
         model.set_methods(permutations, _task_metrics(datamodule))
         start = time.perf_counter()

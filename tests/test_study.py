@@ -136,3 +136,22 @@ def test_mean_and_standard_error() -> None:
 def test_report_of_an_incomplete_study_names_the_missing_pair(tmp_path) -> None:
     with pytest.raises(Exception, match="seed0-seed1"):
         write_study_report(tmp_path, [0, 1], [])
+
+
+def test_multiberts_recipe_uses_hub_models_without_pretraining(tmp_path, monkeypatch) -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_function_arguments(reproduce)
+    parser.add_argument("--config", action="config")
+    config = parser.parse_args(["--config", str(ROOT / "configs/reproduce/multiberts.yaml")])
+    tasks = {name: TaskSpec(**vars(spec)) for name, spec in config.tasks.items()}
+    stages = study_stages(tmp_path, config.seeds, config.pretrain_config, [], config.mlm_merge_config, [], tasks,
+                          config.pretrained)
+    assert not any(stage.name.startswith("pretrain") for stage in stages)
+    assert sum(stage.name.startswith("merge mlm") for stage in stages) == 10  # 5 seeds -> 10 pairs
+    assert len(tasks) == 8
+    finetune = next(stage for stage in stages if stage.name == "fine-tune mrpc seed 3")
+    assert "google/multiberts-seed_3" in finetune.argv and finetune.inputs == ()
+    merge = next(stage for stage in stages if stage.name == "merge mlm seed1-seed5")
+    assert {"google/multiberts-seed_1", "google/multiberts-seed_5"} <= set(merge.argv)

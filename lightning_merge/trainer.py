@@ -14,6 +14,7 @@ import torch
 import torchmetrics
 from pytorch_lightning.utilities import rank_zero_only
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.errors import ConfigError, OutputExistsError
@@ -154,15 +155,46 @@ class MergeTrainer(pl.Trainer):
 BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b")
 
 
+class RankStridedSampler(DistributedSampler):
+    """Every rank takes every world_size-th item, none repeated, so sums over ranks equal one process's sums.
+
+    Lightning's own DistributedSampler pads ranks to equal length by repeating items, which would count them twice
+    in the statistics and curves. The world is read when iterating, after the strategy has set up the processes;
+    being a DistributedSampler, Lightning leaves it in place. Evaluation only: ranks may run one batch apart.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        super().__init__(dataset, num_replicas=1, rank=0, shuffle=False)
+
+    def _world(self) -> tuple[int, int]:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    def __iter__(self):
+        rank, world = self._world()
+        return iter(range(rank, len(self.dataset), world))
+
+    def __len__(self) -> int:
+        rank, world = self._world()
+        return len(range(rank, len(self.dataset), world))
+
+
+def _unrepeated(loader: DataLoader) -> DataLoader:
+    """The same loader, but split across ranks without repeats (see `RankStridedSampler`)."""
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=RankStridedSampler(loader.dataset),
+                      collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+
+
 def _first(loaders: Any) -> Any:
-    return loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+    return _unrepeated(loaders[0] if isinstance(loaders, (list, tuple)) else loaders)
 
 
 def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None) -> Any:
     """Unmasked text of ``split`` when the datamodule offers it (MLM), else its (first) validation inputs."""
     features = getattr(datamodule, "features_dataloader", None)
     if callable(features):
-        return features(split=split, max_blocks=max_blocks)
+        return _unrepeated(features(split=split, max_blocks=max_blocks))
     return _first(datamodule.val_dataloader())
 
 

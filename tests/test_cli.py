@@ -128,3 +128,38 @@ def test_merge_with_missing_checkpoint_names_the_path(tmp_path, capsys) -> None:
             "--model.init_args.model_a", str(tmp_path / "missing_a"), "--model.init_args.model_b", str(tmp_path)]
     assert run_cli(args) == 2
     assert "missing_a does not exist" in capsys.readouterr().err
+
+
+def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable, "-m", "lightning_merge.cli", "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"),
+        "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
+        "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+        "--model.init_args.model_a", str(fitted / "seed0/hf"), "--model.init_args.model_b", str(fitted / "seed1/hf"),
+        "--model.init_args.lambdas", "[0, 0.5, 1]", "--data.init_args.tokenizer", str(fitted / "seed0/hf"),
+        "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
+        "--data.init_args.source.train_files", str(fitted / "corpus.txt"), "--data.init_args.batch_size", "3",
+        "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
+        "--methods", "[vanilla, ff+attn+res]", "--export_method", "null", *extra,
+    ]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_ddp_on_two_processes_matches_one_process(fitted, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    merge_in_subprocess(fitted, tmp_path / "one", "--trainer.devices", "1")
+    merge_in_subprocess(fitted, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    perms_one, perms_ddp = (load_file(tmp_path / run / "permutations.safetensors") for run in ("one", "ddp"))
+    assert perms_one.keys() == perms_ddp.keys()
+    for key in perms_one:
+        assert (perms_one[key] == perms_ddp[key]).all(), key
+    one, ddp = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "ddp"))
+    assert one["timings"]["statistics_tokens"] == ddp["timings"]["statistics_tokens"]
+    for method, figures in one["barriers"].items():
+        for key, value in figures.items():
+            assert abs(value - ddp["barriers"][method][key]) <= 1e-6, (method, key)

@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from lightning_merge.io import atomic_file, atomic_write_text
 
@@ -39,17 +40,28 @@ def barrier_table(barriers: Mapping[str, Mapping[str, float]], columns: Sequence
 
 def plot_curves(path: Path, lambdas: Sequence[float], curves: Curves, metric: str = "loss") -> Path:
     """Every method's curve of ``metric`` along λ on one plot, written atomically as PNG."""
+    figure, axis = new_plot()
+    for method, per_method in curves.items():
+        if metric in per_method:
+            axis.plot(lambdas, per_method[metric], marker="o", markersize=3, label=method)
+    axis.set(xlabel="λ  (0 = model A, 1 = permuted model B)", ylabel=metric)
+    return save_plot(figure, axis, path)
+
+
+def new_plot() -> tuple[Any, Any]:
+    """A figure and axes on the non-interactive backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for method, per_method in curves.items():
-        if metric in per_method:
-            axis.plot(lambdas, per_method[metric], marker="o", markersize=3, label=method)
-    axis.set_xlabel("λ  (0 = model A, 1 = permuted model B)")
-    axis.set_ylabel(metric)
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_plot(figure: Any, axis: Any, path: Path) -> Path:
+    """Grid, legend and layout, then write the PNG atomically and free the figure."""
+    import matplotlib.pyplot as plt
+
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_merge.errors import DataError
-from lightning_merge.io import atomic_file, atomic_write_text
+from lightning_merge.io import atomic_write_text
+from lightning_merge.report import new_plot, save_plot
 
 # Table 1: attention variants (with FF), Table 2: residual variants; rows are (label, method name).
 ATTENTION_ROWS = (
@@ -90,12 +91,7 @@ def task_table(task_pairs: dict[str, dict[str, dict]]) -> str:
 
 def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str], title: str) -> None:
     """Mean loss curve per method over pairs, with a ±1 standard-error band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = new_plot()
     for method in methods:
         curves = [r["curves"][method]["loss"] for r in pairs.values() if method in r["curves"]]
         if not curves:
@@ -106,12 +102,7 @@ def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str],
         axis.plot(lambdas, means, label=method)
         axis.fill_between(lambdas, [m - s for m, s in stats], [m + s for m, s in stats], alpha=0.2)
     axis.set(xlabel="λ", ylabel="loss", title=title)
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    with atomic_file(path) as tmp:
-        figure.savefig(tmp, dpi=120, format="png")
-    plt.close(figure)
+    save_plot(figure, axis, path)
 
 
 def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str]) -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,12 +16,12 @@ from transformers import (
     BertForSequenceClassification,
     PretrainedConfig,
     PreTrainedTokenizerBase,
-    get_linear_schedule_with_warmup,
 )
 
 from lightning_merge.data.glue import GlueTask, get_task
 from lightning_merge.errors import CheckpointError, ConfigError
 from lightning_merge.models import HF_CONFIG_KEY, load_pretrained
+from lightning_merge.modules.optim import adamw_linear_schedule
 from lightning_merge.objectives import SequenceClassificationObjective
 
 # metric name (as in the task table) -> factory(num_labels). Classification metrics take predicted label ids.
@@ -178,14 +177,7 @@ class GLUEModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_linear_schedule(self, hp.lr, hp.weight_decay, hp.warmup_ratio, hp.betas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()

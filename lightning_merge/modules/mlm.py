@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from transformers import BertForMaskedLM, get_linear_schedule_with_warmup
+from transformers import BertForMaskedLM
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.models import HF_CONFIG_KEY, build_config, load_pretrained
+from lightning_merge.modules.optim import adamw_linear_schedule
 from lightning_merge.objectives import MaskedLMObjective
 
 
@@ -99,15 +99,7 @@ class MLMModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.named_parameters():
-            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = math.ceil(hp.warmup_ratio * total)
-        scheduler = get_linear_schedule_with_warmup(optimizer, warmup, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_linear_schedule(self, hp.lr, hp.weight_decay, hp.warmup_ratio, hp.betas)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()

@@ -1,0 +1,45 @@
+"""The objectives compute the same losses as Hugging Face's heads, only on fewer positions."""
+
+from __future__ import annotations
+
+import torch
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+
+from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
+
+
+def config(**overrides) -> BertConfig:
+    return BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=32, max_position_embeddings=16, **overrides)
+
+
+def batch(labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(5, 40, (3, 10), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids),
+                labels=labels)
+
+
+def test_masked_lm_loss_equals_hf_loss_over_masked_positions() -> None:
+    model = BertForMaskedLM(config()).eval()
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 40, (3, 10), generator=generator)
+    labels = torch.where(torch.rand(3, 10, generator=generator) < 0.3, ids, -100)
+    data = batch(labels)
+    loss_sum, count = MaskedLMObjective(model)(data)
+    assert count == (labels != -100).sum()
+    torch.testing.assert_close(loss_sum / count, model(**data).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_classification_and_regression_losses_equal_hf_losses() -> None:
+    classifier = BertForSequenceClassification(config(num_labels=3)).eval()
+    data = batch(torch.tensor([0, 2, 1]))
+    loss_sum, count, logits = SequenceClassificationObjective(classifier)(data)
+    assert count == 3 and logits.shape == (3, 3)
+    torch.testing.assert_close(loss_sum / count, classifier(**data).loss, rtol=1e-5, atol=1e-6)
+    regressor = BertForSequenceClassification(config(num_labels=1)).eval()
+    data = batch(torch.tensor([0.5, 2.0, 4.5]))
+    loss_sum, count, _ = SequenceClassificationObjective(regressor)(data)
+    torch.testing.assert_close(loss_sum / count, regressor(**data).loss, rtol=1e-5, atol=1e-6)

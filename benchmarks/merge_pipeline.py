@@ -72,10 +72,10 @@ class SyntheticBlocks(pl.LightningDataModule):
         return DataLoader(Blocks(self.features), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
-        return self.features_dataloader()
-
-    def test_dataloader(self) -> DataLoader:
+        """The curve data: blocks with fixed masks (what `MergeTrainer.merge` evaluates along λ)."""
         return DataLoader(Blocks(self.evaluation), batch_size=self.batch_size)
+
+    test_dataloader = val_dataloader
 
 
 def _peak_memory_bytes(device: torch.device) -> int:

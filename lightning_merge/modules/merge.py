@@ -19,7 +19,7 @@ from torch.func import functional_call
 from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
-from lightning_merge.merge.interpolate import check_lambdas, loss_barrier
+from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
 from lightning_merge.merge.permute import apply_permutations
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
 from lightning_merge.models import load_pretrained
@@ -151,9 +151,6 @@ class InterpolationModule(PairModule):
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
-    def _parameter_names(self) -> list[str]:
-        return [name for name, _ in self.model_a.named_parameters()]  # tied aliases appear once
-
     def endpoint_b(self, method: str) -> dict[str, Tensor]:
         """π(θ_B): model B's parameters permuted by ``method``'s permutations, in A's neuron order."""
         return apply_permutations(self.model_b.state_dict(), self.spec, self.methods[method])
@@ -163,8 +160,8 @@ class InterpolationModule(PairModule):
     ) -> dict[str, Tensor]:
         """θ(λ) for one method as a parameter dict (names of model A's parameters)."""
         permuted_b = self.endpoint_b(method) if permuted_b is None else permuted_b
-        params_a = dict(self.model_a.named_parameters())
-        return {name: torch.lerp(params_a[name], permuted_b[name].to(params_a[name]), lam) for name in params_a}
+        params_a = dict(self.model_a.named_parameters())  # tied aliases appear once
+        return interpolate_state_dicts(params_a, {name: permuted_b[name] for name in params_a}, lam)
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:

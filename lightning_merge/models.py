@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import BertConfig, PreTrainedModel
 
-from lightning_merge.errors import CheckpointError, UnknownNameError
+from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
 
 # name -> BertConfig kwargs (litgpt's name_to_config). "base" is BERT-base; the others fit 2 CPU cores.
 PRESETS: dict[str, dict[str, int]] = {
@@ -27,6 +28,24 @@ def build_config(preset: str, vocab_size: int, max_position_embeddings: int = 51
         raise UnknownNameError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
     kwargs = {**PRESETS[preset], **overrides}
     return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **kwargs)
+
+
+def sinusoidal_positions(num_positions: int, width: int, amplitude: float) -> torch.Tensor:
+    """Sinusoids (Vaswani et al.) of the given peak ``amplitude``, in a random orthonormal basis of the hidden space.
+
+    An init for BERT's learned position embeddings: offsets between positions are rotations of these vectors, so
+    attention to neighbours is easy to learn, while the random basis (from torch's global RNG, i.e. the seed) keeps
+    models of different seeds from sharing position directions.
+    """
+    if width % 2:
+        raise ConfigError(f"sinusoidal position init needs an even hidden size, got {width}")
+    positions = torch.arange(num_positions, dtype=torch.float64)[:, None]
+    frequencies = torch.exp(torch.arange(0, width, 2, dtype=torch.float64) * (-math.log(10000.0) / width))
+    table = torch.zeros(num_positions, width, dtype=torch.float64)
+    table[:, 0::2], table[:, 1::2] = torch.sin(positions * frequencies), torch.cos(positions * frequencies)
+    q, r = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64))
+    basis = q * torch.sign(torch.diagonal(r))  # Haar-distributed orthogonal matrix
+    return (amplitude * table @ basis).float()
 
 
 def _looks_like_path(source: str) -> bool:

@@ -27,12 +27,16 @@ class MaskedLMObjective(nn.Module):
         self.model = model
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        losses, _ = self.token_losses(batch)
+        return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
+
+    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-token losses at the masked positions, and the ``(B, T)`` boolean mask of those positions."""
         hidden = self.model.bert(**_encoder_inputs(batch)).last_hidden_state  # (B, T, d)
         labels = batch["labels"]
         masked = labels != IGNORE_INDEX
         logits = self.model.cls(hidden[masked])  # (n_masked, vocab)
-        loss_sum = F.cross_entropy(logits.float(), labels[masked], reduction="sum")
-        return loss_sum, masked.sum()
+        return F.cross_entropy(logits.float(), labels[masked], reduction="none"), masked
 
 
 class SequenceClassificationObjective(nn.Module):

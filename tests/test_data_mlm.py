@@ -196,3 +196,13 @@ def test_wikipedia_default_source(monkeypatch):
     dm.setup("fit")
     assert len(dm.blocks("train")) > 5000 and len(dm.validation_tensors()["labels"]) == 32
     assert 4.0 < dm.unigram_baseline() < math.log(1000)
+
+
+def test_unigram_baseline_at_mask_inputs_scores_only_those_positions(datamodule):
+    tensors = datamodule.validation_tensors()
+    at_mask = (tensors["labels"] != -100) & (tensors["input_ids"] == datamodule.tokenizer.mask_token_id)
+    kept_or_random = (tensors["labels"] != -100) & ~at_mask
+    assert at_mask.sum() > 3 * kept_or_random.sum() > 0  # BERT's 80/10/10
+    context_only = datamodule.unigram_baseline(mask_inputs_only=True)
+    assert math.isfinite(context_only) and context_only != datamodule.unigram_baseline()
+    assert abs(context_only - datamodule.unigram_baseline()) < 0.2

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification
 
-from lightning_merge.errors import CheckpointError, UnknownNameError
-from lightning_merge.models import HF_CONFIG_KEY, PRESETS, build_config, load_pretrained
+from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
+from lightning_merge.models import HF_CONFIG_KEY, PRESETS, build_config, load_pretrained, sinusoidal_positions
 
 
 def tiny_mlm() -> BertForMaskedLM:
@@ -64,3 +64,19 @@ def test_truncated_safetensors_is_a_clear_checkpoint_error(tmp_path) -> None:
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt or incomplete"):
         load_pretrained(tmp_path / "hf", BertForMaskedLM)
+
+
+def test_sinusoidal_positions_are_shift_invariant_in_a_seeded_random_basis():
+    torch.manual_seed(0)
+    table = sinusoidal_positions(64, 16, amplitude=0.1).double()
+    gram = table @ table.T
+    # inner products depend only on the offset between positions: what makes "attend to my neighbour" easy
+    assert torch.allclose(torch.diagonal(gram, 1)[:-1], torch.diagonal(gram, 1)[1:], atol=1e-6)
+    assert torch.allclose(torch.diagonal(gram), torch.full((64,), 0.01 * 8, dtype=torch.float64), atol=1e-6)
+    torch.manual_seed(0)
+    assert torch.equal(sinusoidal_positions(64, 16, amplitude=0.1), table.float())
+    torch.manual_seed(1)
+    other_seed = sinusoidal_positions(64, 16, amplitude=0.1)
+    assert (other_seed - table.float()).abs().max() > 0.05  # another seed, another basis
+    with pytest.raises(ConfigError, match="even hidden size"):
+        sinusoidal_positions(8, 15, amplitude=0.1)

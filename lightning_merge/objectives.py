@@ -15,7 +15,7 @@ IGNORE_INDEX = -100
 
 
 def _encoder_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
-    keys = ("input_ids", "attention_mask", "token_type_ids")
+    keys = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
     return {k: batch[k] for k in keys if k in batch}
 
 

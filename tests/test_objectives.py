@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
@@ -43,3 +44,20 @@ def test_classification_and_regression_losses_equal_hf_losses() -> None:
     data = batch(torch.tensor([0.5, 2.0, 4.5]))
     loss_sum, count, _ = SequenceClassificationObjective(regressor)(data)
     torch.testing.assert_close(loss_sum / count, regressor(**data).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_masked_lm_objective_reads_position_ids():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32, max_position_embeddings=64)).eval()
+    ids = torch.randint(5, 40, (2, 8))
+    labels = torch.where(torch.rand(2, 8) < 0.5, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    shifted = {**batch, "position_ids": torch.arange(8).expand(2, 8) + 20}
+    objective = MaskedLMObjective(model)
+    with torch.no_grad():
+        assert not torch.allclose(objective(batch)[0], objective(shifted)[0])
+        expected = F.cross_entropy(model(**{k: v for k, v in shifted.items() if k != "labels"}).logits.transpose(1, 2),
+                                   labels, reduction="sum")
+        assert torch.allclose(objective(shifted)[0], expected, atol=1e-5)

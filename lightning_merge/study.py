@@ -39,15 +39,22 @@ class Stage:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of the arguments and of the inputs' own fingerprints: a rerun upstream stage reruns this one too."""
+        """Hash of the arguments, of the files they name (an edited config reruns the stage) and of the inputs'
+        own fingerprints (a rerun upstream stage reruns this one too)."""
         upstream = [_recorded_fingerprint(path) for path in self.inputs]
-        return hashlib.sha256(json.dumps([self.argv, upstream]).encode()).hexdigest()[:16]
+        named_files = [_file_digest(arg) for arg in self.argv]
+        return hashlib.sha256(json.dumps([self.argv, named_files, upstream]).encode()).hexdigest()[:16]
 
     def is_complete(self) -> bool:
         marker = self.run_dir / COMPLETE_MARKER
         if not marker.is_file() or not all((self.run_dir / out).exists() for out in self.outputs):
             return False
         return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+
+
+def _file_digest(arg: str) -> str | None:
+    path = Path(arg)
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def _recorded_fingerprint(run_dir: Path) -> str | None:

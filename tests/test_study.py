@@ -155,3 +155,17 @@ def test_multiberts_recipe_uses_hub_models_without_pretraining(tmp_path, monkeyp
     assert "google/multiberts-seed_3" in finetune.argv and finetune.inputs == ()
     merge = next(stage for stage in stages if stage.name == "merge mlm seed1-seed5")
     assert {"google/multiberts-seed_1", "google/multiberts-seed_5"} <= set(merge.argv)
+
+
+def test_an_edited_config_file_reruns_its_stages(tmp_path, monkeypatch) -> None:
+    fit_config = tmp_path / "rt_polarity.yaml"
+    fit_config.write_text((ROOT / "configs/glue/rt_polarity.yaml").read_text())
+    tasks = {"rt_polarity": TaskSpec(str(fit_config), merge_args=["--data.init_args.task", "rt_polarity"])}
+    monkeypatch.setattr(subprocess, "run", FakeLm())
+    reproduce(str(tmp_path / "study"), [0, 1], tasks=tasks)
+    fit_config.write_text(fit_config.read_text().replace("max_epochs: 2", "max_epochs: 3"))
+    edited = FakeLm()
+    monkeypatch.setattr(subprocess, "run", edited)
+    reproduce(str(tmp_path / "study"), [0, 1], tasks=tasks)
+    rerun_dirs = [argv[argv.index("--trainer.default_root_dir") + 1] for argv in edited.calls]
+    assert len(rerun_dirs) == 3 and all("rt_polarity" in d for d in rerun_dirs)  # 2 fine-tunes + their merge

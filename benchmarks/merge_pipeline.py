@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import BertForMaskedLM
 
 from lightning_merge.io import atomic_write_text
+from lightning_merge.merge.methods import get_method
 from lightning_merge.models import build_config
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.trainer import MergeTrainer
@@ -97,6 +98,13 @@ def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision:
     return time.perf_counter() - start
 
 
+def _statistics_bytes(module: InterpolationModule, methods: list[str]) -> int:
+    """Bytes of the float64 sums the methods need (`MergeStatistics.nbytes`, without allocating them)."""
+    groups = {g for name in methods for g in get_method(name).group_names(module.spec)}
+    widths = {point.key: module.spec.groups[g].size for g in groups for point in module.spec.points[g]}
+    return sum(8 * (d * d + 4 * d + 1) for d in widths.values())
+
+
 def _models(args: argparse.Namespace, root: Path) -> tuple[str, str, int]:
     if args.model_a and args.model_b:
         return args.model_a, args.model_b, BertForMaskedLM.from_pretrained(args.model_a).config.vocab_size
@@ -127,6 +135,7 @@ def run_one(args: argparse.Namespace) -> dict:
         forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
         device = trainer.strategy.root_device
         params = sum(p.numel() * p.element_size() for p in module.model_a.parameters())
+        statistics_bytes = _statistics_bytes(module, args.methods)
     t = results["timings"]
     return {
         "preset": args.preset if not args.model_a else Path(args.model_a).name,
@@ -145,6 +154,9 @@ def run_one(args: argparse.Namespace) -> dict:
         "per_point_over_forward": t["curves_s"] / t["curve_points"] / forward_s,
         "total_s": total,
         "two_models_param_mib": 2 * params / 2**20,
+        "statistics_mib": statistics_bytes / 2**20,
+        # the issue's target: about 3x the two models' parameters plus the statistics
+        "memory_target_mib": (3 * 2 * params + statistics_bytes) / 2**20,
         "peak_mib": _peak_memory_bytes(device) / 2**20,
         "peak_over_baseline_mib": (_peak_memory_bytes(device) - (0 if device.type == "cuda" else baseline)) / 2**20,
     }
@@ -154,7 +166,8 @@ COLUMNS = (
     ("preset", "{}"), ("device", "{}"), ("feature_tokens", "{}"), ("statistics_s", "{:.2f}"),
     ("feature_tokens_per_s", "{:.0f}"), ("matching_s", "{:.2f}"), ("apply_s", "{:.3f}"), ("curves_s", "{:.2f}"),
     ("per_point_s", "{:.3f}"), ("forward_s", "{:.3f}"), ("per_point_over_forward", "{:.2f}"), ("total_s", "{:.1f}"),
-    ("two_models_param_mib", "{:.0f}"), ("peak_mib", "{:.0f}"), ("peak_over_baseline_mib", "{:.0f}"),
+    ("two_models_param_mib", "{:.0f}"), ("statistics_mib", "{:.0f}"), ("memory_target_mib", "{:.0f}"),
+    ("peak_mib", "{:.0f}"), ("peak_over_baseline_mib", "{:.0f}"),
 )
 
 

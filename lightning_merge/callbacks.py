@@ -14,8 +14,8 @@ from torch import Tensor
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
-from lightning_merge.merge.features import FeatureRecorder
-from lightning_merge.merge.methods import get_method
+from lightning_merge.merge.features import PairStatisticsRecorder
+from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import MergeStatistics
 
 
@@ -44,9 +44,10 @@ class HFExport(pl.Callback):
 class MergeCallback(pl.Callback):
     """Gather matching statistics of a `PairModule`'s validation pass and fit every method's permutations.
 
-    At validation start it hooks the feature points of both models; after each batch it adds the batch's token
-    features to float64 sums; at validation end it removes the hooks, all-reduces the sums across ranks and solves
-    the permutations once per method (identically on every rank, since every rank holds the same sums).
+    At validation start it hooks the feature points of both models; during each batch's forward passes it adds
+    every point's token features to float64 sums (`PairStatisticsRecorder`); at validation end it removes the hooks,
+    all-reduces the sums across ranks and solves every method's permutations (`fit_methods`: shared assignments
+    once, independent ones in parallel; identical on every rank, since every rank holds the same sums).
 
     Args:
         methods: merge method names (see ``lightning_merge.merge.methods``).
@@ -58,7 +59,7 @@ class MergeCallback(pl.Callback):
         self.special_token_ids = list(special_token_ids) if special_token_ids else None
         self.statistics: MergeStatistics | None = None
         self.permutations: dict[str, dict[str, Tensor]] = {}
-        self._recorders: list[FeatureRecorder] = []
+        self._recorder: PairStatisticsRecorder | None = None
         self._special_ids: Tensor | None = None
         self.timings: dict[str, float] = {}
         self._start = 0.0
@@ -69,28 +70,30 @@ class MergeCallback(pl.Callback):
         wanted = {g for method in self.methods.values() for g in method.group_names(spec)}
         groups = [g for g in spec.groups if g in wanted]
         self.statistics = MergeStatistics(spec, groups, device=pl_module.device)
-        self._recorders = [FeatureRecorder(model, spec, groups) for model in (pl_module.model_a, pl_module.model_b)]
-        for recorder in self._recorders:
-            recorder.register()
+        self._recorder = PairStatisticsRecorder(pl_module.model_a, pl_module.model_b, self.statistics)
+        self._recorder.register()
         if self.special_token_ids:
             self._special_ids = torch.tensor(self.special_token_ids, device=pl_module.device)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        special = torch.isin(batch["input_ids"], self._special_ids) if self._special_ids is not None else None
+        self._recorder.begin_batch(batch["attention_mask"], special)
 
     def on_validation_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        special = torch.isin(batch["input_ids"], self._special_ids) if self._special_ids is not None else None
-        features_a, features_b = (r.pop(batch["attention_mask"], special) for r in self._recorders)
-        self.statistics.update_from_features(features_a, features_b)
+        self._recorder.end_batch()  # every point's sums were updated during the forward passes
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for recorder in self._recorders:
-            recorder.remove()
-        self._recorders = []
+        self._recorder.remove()
+        self._recorder = None
         reduced = {k: trainer.strategy.reduce(t, reduce_op="sum") for k, t in self.statistics.state_tensors().items()}
         self.statistics.load_state_tensors(reduced)
         if self.statistics.points and self.statistics.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
         matched_at = time.perf_counter()
-        self.permutations = {name: method.fit(self.statistics, pl_module.spec) for name, method in self.methods.items()}
+        self.permutations = fit_methods(self.methods, self.statistics, pl_module.spec)
         self.timings = {"statistics_s": matched_at - self._start, "matching_s": time.perf_counter() - matched_at}

@@ -88,3 +88,66 @@ def test_collect_statistics_masks(model):
         collect_statistics(model, model, [dict(input_ids=batch["input_ids"])], spec, ["ff.0"])
     with pytest.raises(DataError, match="needs a special_tokens_mask"):
         collect_statistics(model, model, [inputs()], spec, ["ff.0"], exclude_special_tokens=True)
+
+
+def _other_model() -> BertForMaskedLM:
+    torch.manual_seed(1)
+    config = BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    return BertForMaskedLM(config).eval()
+
+
+@torch.no_grad()
+def test_pair_recorder_streams_the_same_sums_as_two_recorders(model):
+    from lightning_merge.merge.features import PairStatisticsRecorder
+    from lightning_merge.merge.stats import MergeStatistics
+
+    model_b, spec = _other_model(), spec_for_model(model)
+    special = torch.zeros(2, 6, dtype=torch.long)
+    special[:, -1] = 1
+    batches = [(inputs()["attention_mask"], None), (torch.ones(2, 6, dtype=torch.long), special)]
+    streamed, popped = MergeStatistics(spec), MergeStatistics(spec)
+    with PairStatisticsRecorder(model, model_b, streamed) as recorder:
+        for mask, special_mask in batches:
+            recorder.begin_batch(mask, special_mask)
+            model(input_ids=inputs()["input_ids"], attention_mask=mask)
+            model_b(input_ids=inputs()["input_ids"], attention_mask=mask)
+            recorder.end_batch()
+    with FeatureRecorder(model, spec) as recorder_a, FeatureRecorder(model_b, spec) as recorder_b:
+        for mask, special_mask in batches:
+            model(input_ids=inputs()["input_ids"], attention_mask=mask)
+            model_b(input_ids=inputs()["input_ids"], attention_mask=mask)
+            popped.update_from_features(recorder_a.pop(mask, special_mask), recorder_b.pop(mask, special_mask))
+    assert streamed.token_count == popped.token_count == 9 + 10
+    for key, tensor in popped.state_tensors().items():
+        torch.testing.assert_close(streamed.state_tensors()[key], tensor, rtol=0, atol=1e-12)
+
+
+@torch.no_grad()
+def test_pair_recorder_rejects_b_first_and_incomplete_batches(model):
+    from lightning_merge.merge.features import PairStatisticsRecorder
+    from lightning_merge.merge.stats import MergeStatistics
+
+    model_b, spec = _other_model(), spec_for_model(model)
+    with PairStatisticsRecorder(model, model_b, MergeStatistics(spec, ["ff.0"])) as recorder:
+        with pytest.raises(RuntimeError, match="outside begin_batch"):
+            model(**inputs())
+        recorder.begin_batch(inputs()["attention_mask"])
+        with pytest.raises(RuntimeError, match="model B reached .* before model A"):
+            model_b(**inputs())
+        recorder.begin_batch(inputs()["attention_mask"])
+        model(**inputs())
+        with pytest.raises(RuntimeError, match="no activation of model B recorded at bert.encoder.layer.0"):
+            recorder.end_batch()
+    assert not any(m._forward_hooks for m in (*model.modules(), *model_b.modules()))
+
+
+def test_kept_tokens_is_a_view_when_nothing_is_dropped():
+    from lightning_merge.merge.features import kept_tokens
+
+    value = torch.randn(2, 3, 4)
+    assert kept_tokens(value, torch.ones(2, 3, dtype=torch.bool)).data_ptr() == value.data_ptr()
+    keep = torch.tensor([[True, False, True], [True, True, False]])
+    torch.testing.assert_close(kept_tokens(value, keep), value[keep])

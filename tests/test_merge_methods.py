@@ -156,3 +156,30 @@ def test_fit_a_subset_of_groups(planted_pair):
     assert list(perms) == ["ff.1"] and torch.equal(perms["ff.1"], invert_permutation(planted["ff.1"]))
     with pytest.raises(ConfigError, match="does not permute group 'res'"):
         get_method("ff").fit(statistics, spec, groups=["res"])
+
+
+def test_fit_methods_solves_each_shared_assignment_once_and_matches_fit(monkeypatch):
+    from lightning_merge.merge import methods as methods_module
+
+    torch.manual_seed(1)
+    model_a, model_b = (BertForMaskedLM(tiny_config()).double().eval() for _ in range(2))
+    spec = spec_for_model(model_a)
+    statistics = collect_statistics(model_a, model_b, batches(2), spec)
+    names = ["vanilla", "ff", "ff+attn[monotonic]", "ff+attn[head_perm]", "res[first]", "res[all]", "permute"]
+    chosen = {name: get_method(name) for name in names}
+    expected = {name: method.fit(statistics, spec) for name, method in chosen.items()}
+    solved = []
+    matchers = dict(methods_module.GROUP_MATCHERS)
+    for kind, matcher in matchers.items():
+        monkeypatch.setitem(
+            methods_module.GROUP_MATCHERS, kind,
+            lambda method, stats, group, matcher=matcher: solved.append(group.name) or matcher(method, stats, group),
+        )
+    fitted = methods_module.fit_methods(chosen, statistics, spec, workers=3)
+    assert fitted.keys() == expected.keys() and fitted["vanilla"] == {}
+    for name in names:
+        assert fitted[name].keys() == expected[name].keys(), name
+        for group, perm in expected[name].items():
+            assert torch.equal(fitted[name][group], perm), (name, group)
+    # ff.0/ff.1 once; attn.* once per variant (monotonic, head_perm); res once per variant (first, all)
+    assert sorted(solved) == sorted(["ff.0", "ff.1", "attn.0", "attn.1", "attn.0", "attn.1", "res", "res"])

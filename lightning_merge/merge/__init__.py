@@ -3,7 +3,7 @@
 No Lightning import here: everything is usable from Python on any two HF BERT models.
 """
 
-from lightning_merge.merge.features import FeatureRecorder, collect_statistics
+from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
 from lightning_merge.merge.interpolate import (
     InterpolationPath,
     interpolate_state_dicts,
@@ -11,7 +11,7 @@ from lightning_merge.merge.interpolate import (
     load_state_dict_tied,
     loss_barrier,
 )
-from lightning_merge.merge.methods import METHODS, MergeMethod, get_method
+from lightning_merge.merge.methods import METHODS, MergeMethod, fit_methods, get_method
 from lightning_merge.merge.permute import apply_permutations, invert_permutation, random_permutations
 from lightning_merge.merge.spec import PermutationSpec, bert_spec, spec_for_model, spec_for_pair
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics
@@ -23,10 +23,12 @@ __all__ = [
     "MergeMethod",
     "MergeStatistics",
     "PairStatistics",
+    "PairStatisticsRecorder",
     "PermutationSpec",
     "apply_permutations",
     "bert_spec",
     "collect_statistics",
+    "fit_methods",
     "get_method",
     "interpolate_state_dicts",
     "invert_permutation",

@@ -8,11 +8,14 @@ Usage::
 
 Features are kept only for non-padding tokens (and, if a special-tokens mask is given, non-special tokens), so the
 statistics are over real tokens as in the paper.
+
+For the statistics pass, `PairStatisticsRecorder` hooks both models and adds each feature point to the sums as soon
+as model B produces it, so at most model A's features of one batch are held, not both models'.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -33,10 +36,17 @@ class FeatureRecorder:
         groups: group names to record (default: all groups of the spec).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: PermutationSpec, groups: Iterable[str] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: PermutationSpec,
+        groups: Iterable[str] | None = None,
+        on_capture: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> None:
         self.model = model
         self.spec = spec
         self.groups = list(spec.groups if groups is None else groups)
+        self.on_capture = on_capture  # (point key, (B, T, d) activation); None: keep it for `pop`
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -79,8 +89,11 @@ class FeatureRecorder:
 
     def _hook(self, point: FeaturePoint):
         def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-            value = inputs[0] if point.source == "input" else output
-            self._captured[point.key] = value.detach()
+            value = (inputs[0] if point.source == "input" else output).detach()
+            if self.on_capture is not None:
+                self.on_capture(point.key, value)
+            else:
+                self._captured[point.key] = value
 
         return hook
 
@@ -94,15 +107,97 @@ class FeatureRecorder:
         Returns:
             group name -> point key -> (N, d) features, N = kept tokens. Clears the captured activations.
         """
-        keep = attention_mask.bool()
-        if special_tokens_mask is not None:
-            keep = keep & ~special_tokens_mask.bool()
+        keep = token_mask(attention_mask, special_tokens_mask)
         missing = [p.key for p in self.points() if p.key not in self._captured]
         if missing:
             raise RuntimeError(f"no activation recorded at {missing[0]}; run a forward pass inside the recorder")
-        tokens = {key: value[keep.to(value.device)] for key, value in self._captured.items()}  # (B, T, d) -> (N, d)
+        tokens = {key: kept_tokens(value, keep) for key, value in self._captured.items()}
         self._captured.clear()
         return {group: {p.key: tokens[p.key] for p in self.spec.points[group]} for group in self.groups}
+
+
+def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, T) bool: real tokens, minus the special ones when ``special_tokens_mask`` is given."""
+    keep = attention_mask.bool()
+    return keep & ~special_tokens_mask.bool() if special_tokens_mask is not None else keep
+
+
+def kept_tokens(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, T, d) -> (N, d) rows of the kept tokens; a view, not a copy, when every token is kept."""
+    keep = keep.to(value.device)
+    if keep.all():
+        return value.reshape(-1, value.shape[-1])
+    return value[keep]
+
+
+class PairStatisticsRecorder:
+    """Hooks on models A and B that add every feature point of a batch to `MergeStatistics` as B produces it.
+
+    Two `FeatureRecorder` s would hold both models' activations at every point until the batch ends; here A's wait
+    only until B reaches the same point, which roughly halves the statistics pass's peak memory. Run A, then B, on
+    each batch, between `begin_batch` and `end_batch`::
+
+        with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
+            for batch in batches:
+                recorder.begin_batch(batch["attention_mask"])
+                model_a(**batch); model_b(**batch)
+                recorder.end_batch()
+    """
+
+    def __init__(self, model_a: torch.nn.Module, model_b: torch.nn.Module, statistics: MergeStatistics) -> None:
+        self.statistics = statistics
+        spec, groups = statistics.spec, statistics.groups
+        self._recorders = (
+            FeatureRecorder(model_a, spec, groups, on_capture=self._capture_a),
+            FeatureRecorder(model_b, spec, groups, on_capture=self._capture_b),
+        )
+        self._keys = {point.key for point in self._recorders[0].points()}
+        self._keep: torch.Tensor | None = None
+        self._waiting: dict[str, torch.Tensor] = {}
+        self._done: set[str] = set()
+
+    def __enter__(self) -> PairStatisticsRecorder:
+        self.register()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def register(self) -> None:
+        for recorder in self._recorders:
+            recorder.register()
+
+    def remove(self) -> None:
+        for recorder in self._recorders:
+            recorder.remove()
+        self._waiting.clear()
+
+    def begin_batch(self, attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None = None) -> None:
+        """The tokens of the next batch to count (see `FeatureRecorder.pop`)."""
+        self._keep = token_mask(attention_mask, special_tokens_mask)
+        self._waiting.clear()
+        self._done.clear()
+
+    def end_batch(self) -> None:
+        """Check that both models' forward passes reached every feature point of the batch."""
+        missing = sorted(self._keys - self._done)
+        self._keep = None
+        if missing:
+            raise RuntimeError(f"no activation of model B recorded at {missing[0]}; run A, then B, on every batch")
+
+    def _capture_a(self, key: str, value: torch.Tensor) -> None:
+        self._waiting[key] = kept_tokens(value, self._current_keep())
+
+    def _capture_b(self, key: str, value: torch.Tensor) -> None:
+        if key not in self._waiting:
+            raise RuntimeError(f"model B reached {key} before model A did on this batch; run A, then B")
+        self.statistics.points[key].update(self._waiting.pop(key), kept_tokens(value, self._current_keep()))
+        self._done.add(key)
+
+    def _current_keep(self) -> torch.Tensor:
+        if self._keep is None:
+            raise RuntimeError("a forward pass ran outside begin_batch/end_batch of the statistics recorder")
+        return self._keep
 
 
 @torch.no_grad()
@@ -135,13 +230,14 @@ def collect_statistics(
     device = device if device is not None else next(model_a.parameters()).device
     statistics = MergeStatistics(spec, groups, device=device)
     run_a, run_b = _feature_model(model_a, spec, groups), _feature_model(model_b, spec, groups)
-    with FeatureRecorder(model_a, spec, groups) as recorder_a, FeatureRecorder(model_b, spec, groups) as recorder_b:
+    with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
         for batch in batches:
-            mask, special = _token_masks(batch, exclude_special_tokens)
+            recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
             inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
             run_a(**_to(inputs, model_a))
-            run_b(**_to(inputs, model_b))
-            statistics.update_from_features(recorder_a.pop(mask, special), recorder_b.pop(mask, special))
+            if model_b is not model_a:  # one model as both: its A and B hooks both fire in one forward
+                run_b(**_to(inputs, model_b))
+            recorder.end_batch()
     return statistics
 
 

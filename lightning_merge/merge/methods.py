@@ -14,12 +14,16 @@ Names (`get_method`):
 
 Each method knows the spec groups it needs statistics for (`MergeMethod.group_names`) and turns statistics into
 perms (`MergeMethod.fit`); the matcher of each group kind is looked up in `GROUP_MATCHERS`, never chosen by ``if``.
+`fit_methods` fits several methods at once: each distinct (group, variant) assignment is solved once, and
+independent ones run in parallel threads (scipy's ``linear_sum_assignment`` and torch's kernels release the GIL).
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -101,8 +105,50 @@ class MergeMethod:
             if outside:
                 raise ConfigError(f"method {self.name!r} does not permute group {outside[0]!r}")
             names = list(groups)
+        return _fit_groups({self.name: (self, names)}, statistics, spec, MATCHING_WORKERS)[self.name]
+
+    def variant(self, kind: str) -> str:
+        """The variant this method uses for groups of ``kind`` ('' for kinds without variants)."""
+        return {"ff": "", "attn": self.attention, "res": self.residual}[kind]
+
+
+# Threads that solve independent assignments at once; a few suffice to hide the serial parts between them.
+MATCHING_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def fit_methods(
+    methods: Mapping[str, MergeMethod],
+    statistics: MergeStatistics,
+    spec: PermutationSpec,
+    workers: int = MATCHING_WORKERS,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Perms of every method (name -> group -> perm), as each method's `MergeMethod.fit` would give.
+
+    Methods share work: ``ff`` and ``ff+attn+res`` solve the same feed-forward assignments, so each distinct
+    (group, variant) is solved once, and the independent assignments run on ``workers`` threads.
+    """
+    return _fit_groups({name: (m, m.group_names(spec)) for name, m in methods.items()}, statistics, spec, workers)
+
+
+def _fit_groups(
+    requests: Mapping[str, tuple[MergeMethod, list[str]]],
+    statistics: MergeStatistics,
+    spec: PermutationSpec,
+    workers: int,
+) -> dict[str, dict[str, torch.Tensor]]:
+    jobs: dict[tuple[str, str], tuple[MergeMethod, PermGroup]] = {}
+    for method, names in requests.values():
         statistics.check_spec(spec, names)
-        return {name: GROUP_MATCHERS[spec.groups[name].kind](self, statistics, spec.groups[name]) for name in names}
+        for name in names:
+            group = spec.groups[name]
+            jobs.setdefault((name, method.variant(group.kind)), (method, group))
+    with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
+        futures = {key: pool.submit(GROUP_MATCHERS[g.kind], m, statistics, g) for key, (m, g) in jobs.items()}
+        solved = {key: future.result() for key, future in futures.items()}
+    return {
+        request: {name: solved[(name, method.variant(spec.groups[name].kind))] for name in names}
+        for request, (method, names) in requests.items()
+    }
 
 
 def _fit_ff(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:

@@ -126,7 +126,9 @@ def run_one(args: argparse.Namespace) -> dict:
                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                default_root_dir=str(Path(tmp) / "run"))
         start = time.perf_counter()
-        results = trainer.merge(module, data, methods=args.methods, export_method=None)
+        results = trainer.merge(
+            module, data, methods=args.methods, export_method=None, statistics_dtype=args.statistics_dtype
+        )
         total = time.perf_counter() - start
         module.to(trainer.strategy.root_device)
         apply_start = time.perf_counter()
@@ -141,6 +143,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "preset": args.preset if not args.model_a else Path(args.model_a).name,
         "device": str(device),
         "precision": args.precision,
+        "statistics_dtype": args.statistics_dtype,
         "feature_tokens": t.get("statistics_tokens", 0),
         "eval_tokens": data.evaluation["input_ids"].numel(),
         "statistics_s": t.get("statistics_s", 0.0),
@@ -192,6 +195,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", default=["vanilla", "ff+attn+res"])
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
+    parser.add_argument("--statistics-dtype", default="float64", help="dtype of the statistics' products: float32")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     return parser.parse_args(argv)
 

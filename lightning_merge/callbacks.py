@@ -16,7 +16,7 @@ from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
 from lightning_merge.merge.features import PairStatisticsRecorder
 from lightning_merge.merge.methods import fit_methods, get_method
-from lightning_merge.merge.stats import MergeStatistics
+from lightning_merge.merge.stats import MergeStatistics, product_dtype
 
 
 class HFExport(pl.Callback):
@@ -52,10 +52,18 @@ class MergeCallback(pl.Callback):
     Args:
         methods: merge method names (see ``lightning_merge.merge.methods``).
         special_token_ids: token ids to leave out of the statistics (the paper keeps special tokens: None).
+        statistics_dtype: ``float64`` or ``float32``: the dtype of the per-block products (sums stay float64).
     """
 
-    def __init__(self, methods: Sequence[str], special_token_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        methods: Sequence[str],
+        special_token_ids: Sequence[int] | None = None,
+        statistics_dtype: str = "float64",
+    ) -> None:
         self.methods = {name: get_method(name) for name in methods}
+        self.statistics_dtype = statistics_dtype
+        product_dtype(statistics_dtype)  # an unknown name fails here, before the pass
         self.special_token_ids = list(special_token_ids) if special_token_ids else None
         self.statistics: MergeStatistics | None = None
         self.permutations: dict[str, dict[str, Tensor]] = {}
@@ -69,7 +77,7 @@ class MergeCallback(pl.Callback):
         spec = pl_module.spec
         wanted = {g for method in self.methods.values() for g in method.group_names(spec)}
         groups = [g for g in spec.groups if g in wanted]
-        self.statistics = MergeStatistics(spec, groups, device=pl_module.device)
+        self.statistics = MergeStatistics(spec, groups, pl_module.device, self.statistics_dtype)
         self._recorder = PairStatisticsRecorder(pl_module.model_a, pl_module.model_b, self.statistics)
         self._recorder.register()
         if self.special_token_ids:

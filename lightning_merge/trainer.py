@@ -20,6 +20,7 @@ from lightning_merge.callbacks import MergeCallback
 from lightning_merge.errors import ConfigError, OutputExistsError
 from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
 from lightning_merge.merge.methods import get_method
+from lightning_merge.merge.stats import product_dtype
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.report import write_report
 
@@ -50,6 +51,7 @@ class MergeTrainer(pl.Trainer):
         exclude_special_tokens: bool = False,
         statistics_split: str = "train",
         statistics_max_blocks: int | None = 512,
+        statistics_dtype: str = "float64",
         statistics_data: pl.LightningDataModule | None = None,
         overwrite: bool = False,
     ) -> dict[str, Any]:
@@ -69,6 +71,9 @@ class MergeTrainer(pl.Trainer):
             exclude_special_tokens: leave special tokens out of the statistics.
             statistics_split: split whose text feeds the statistics (with ``features_dataloader``).
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
+            statistics_dtype: ``float64`` (default) or ``float32``: the dtype each block's feature products are
+                formed in; the sums are float64 either way. float32 is faster (on GPUs by far) and its correlation
+                error is negligible for matching (benchmarks/merge_core.py measures it).
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.
             overwrite: replace the outputs of an earlier run in the same directory.
@@ -76,6 +81,7 @@ class MergeTrainer(pl.Trainer):
         methods = list(methods or DEFAULT_METHODS)
         run_dir = Path(self.default_root_dir)
         self._check_request(run_dir, methods, export_method, overwrite)
+        product_dtype(statistics_dtype)  # an unknown name fails before any work
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, float] = {}
@@ -83,7 +89,9 @@ class MergeTrainer(pl.Trainer):
             statistics_data.setup("validate")
             model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
         statistics = _statistics_loader(statistics_data or datamodule, statistics_split, statistics_max_blocks)
-        permutations = self._fit_permutations(model, datamodule, statistics, methods, exclude_special_tokens, timings)
+        permutations = self._fit_permutations(
+            model, datamodule, statistics, methods, exclude_special_tokens, statistics_dtype, timings
+        )
         model.set_methods(permutations, _task_metrics(datamodule))
         start = time.perf_counter()
         self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
@@ -105,13 +113,13 @@ class MergeTrainer(pl.Trainer):
 
     def _fit_permutations(
         self, model: InterpolationModule, datamodule: Any, loader: Any, methods: Sequence[str], exclude_special: bool,
-        timings: dict,
+        statistics_dtype: str, timings: dict,
     ) -> dict[str, dict[str, torch.Tensor]]:
         if not any(get_method(name).groups for name in methods):
             return {name: {} for name in methods}  # nothing to align: no statistics pass needed
         tokenizer = getattr(datamodule, "tokenizer", None)
         special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
-        callback = MergeCallback(methods, special_token_ids=special_ids)
+        callback = MergeCallback(methods, special_token_ids=special_ids, statistics_dtype=statistics_dtype)
         self.callbacks.append(callback)
         try:
             self.validate(model, dataloaders=loader, verbose=False)

@@ -130,6 +130,18 @@ def test_merge_with_missing_checkpoint_names_the_path(tmp_path, capsys) -> None:
     assert "missing_a does not exist" in capsys.readouterr().err
 
 
+def test_merge_with_unknown_statistics_dtype_is_one_line(fitted, tmp_path, capsys) -> None:
+    args = [
+        "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"), "--trainer.default_root_dir", str(tmp_path / "run"),
+        "--model.init_args.model_a", str(fitted / "seed0/hf"), "--model.init_args.model_b", str(fitted / "seed1/hf"),
+        "--data.init_args.tokenizer", str(fitted / "seed0/hf"), "--statistics_dtype", "float16",
+    ]
+    assert run_cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "unknown statistics dtype 'float16'; known: float64, float32" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
     import subprocess
     import sys

@@ -41,6 +41,18 @@ def test_streaming_and_merge_equal_one_pass():
             torch.testing.assert_close(other.state_tensors()[name], value, rtol=1e-12, atol=1e-9)
 
 
+def test_float32_products_stay_close_to_float64_even_under_autocast():
+    x_a, x_b = correlated(3000, 16)  # means of 2: the raw products are larger than the covariances they give
+    exact, fast = PairStatistics(16), PairStatistics(16, products="float32")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the hooks that feed the sums run inside the forward's
+        exact.update(x_a, x_b)
+        fast.update(x_a, x_b)
+    assert all(t.dtype == torch.float64 for t in fast.state_tensors().values())
+    torch.testing.assert_close(fast.correlation(), exact.correlation(), rtol=0, atol=1e-5)
+    with pytest.raises(ConfigError, match="unknown statistics dtype 'bfloat16'; known: float64, float32"):
+        PairStatistics(4, products="bfloat16")
+
+
 def test_dead_and_constant_features_give_zero_not_nan():
     x_a, x_b = correlated(200, 4)
     x_a[:, 1] = 0.0  # dead

@@ -122,6 +122,22 @@ def test_unknown_method_fails_before_any_work(tmp_path, permuted_pair) -> None:
     assert not (tmp_path / "run").exists()
 
 
+def test_float32_statistics_recover_the_planted_permutations(tmp_path, permuted_pair) -> None:
+    model_a, model_b, planted = permuted_pair
+    results = merge(tmp_path, model_a, model_b, ["ff+attn+res"], statistics_dtype="float32", export_method=None)
+    assert results["barriers"]["ff+attn+res"]["barrier"] <= 1e-4
+    perms = load_file(tmp_path / "run" / "permutations.safetensors")
+    for group, perm in planted.items():
+        assert torch.equal(perms[f"ff+attn+res/{group}"], invert_permutation(perm)), group
+
+
+def test_unknown_statistics_dtype_fails_before_any_work(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    with pytest.raises(ConfigError, match="unknown statistics dtype 'float16'; known: float64, float32"):
+        merge(tmp_path, model_a, model_b, ["ff"], statistics_dtype="float16", export_method=None)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("lambdas", [[0.0, 0.5], [0.5, 1.0], [0.0, 1.0, 1.5]])
 def test_bad_lambda_grid(permuted_pair, lambdas) -> None:
     model_a, model_b, _ = permuted_pair

@@ -209,6 +209,7 @@ def collect_statistics(
     groups: Iterable[str] | None = None,
     device: torch.device | str | None = None,
     exclude_special_tokens: bool = False,
+    products: str = "float64",
 ) -> MergeStatistics:
     """Run both models over ``batches`` and accumulate `MergeStatistics` (the plain-PyTorch statistics pass).
 
@@ -222,13 +223,14 @@ def collect_statistics(
         device: where the float64 sums live (default: model A's device).
         exclude_special_tokens: leave out tokens marked in the batch's ``special_tokens_mask`` (the paper keeps
             them, so the default is False).
+        products: dtype of each block's feature products (``float64`` or ``float32``; see `PairStatistics`).
 
     Returns:
         The accumulated statistics.
     """
     groups = list(spec.groups if groups is None else groups)
     device = device if device is not None else next(model_a.parameters()).device
-    statistics = MergeStatistics(spec, groups, device=device)
+    statistics = MergeStatistics(spec, groups, device=device, products=products)
     run_a, run_b = _feature_model(model_a, spec, groups), _feature_model(model_b, spec, groups)
     with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
         for batch in batches:

@@ -122,12 +122,11 @@ def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor |
     return keep & ~special_tokens_mask.bool() if special_tokens_mask is not None else keep
 
 
-def kept_tokens(value: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """(B, T, d) -> (N, d) rows of the kept tokens; a view, not a copy, when every token is kept."""
-    keep = keep.to(value.device)
-    if keep.all():
+def kept_tokens(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) -> (N, d) rows of the kept tokens (``keep`` None: all of them, as a view, not a copy)."""
+    if keep is None or keep.all():
         return value.reshape(-1, value.shape[-1])
-    return value[keep]
+    return value[keep.to(value.device)]
 
 
 class PairStatisticsRecorder:
@@ -153,6 +152,7 @@ class PairStatisticsRecorder:
         )
         self._keys = {point.key for point in self._recorders[0].points()}
         self._keep: torch.Tensor | None = None
+        self._in_batch = False
         self._waiting: dict[str, torch.Tensor] = {}
         self._done: set[str] = set()
 
@@ -174,14 +174,17 @@ class PairStatisticsRecorder:
 
     def begin_batch(self, attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None = None) -> None:
         """The tokens of the next batch to count (see `FeatureRecorder.pop`)."""
-        self._keep = token_mask(attention_mask, special_tokens_mask)
+        keep = token_mask(attention_mask, special_tokens_mask)
+        # decided once per batch: asking a GPU mask at every point would synchronise with the host each time
+        self._keep = None if keep.all() else keep
+        self._in_batch = True
         self._waiting.clear()
         self._done.clear()
 
     def end_batch(self) -> None:
         """Check that both models' forward passes reached every feature point of the batch."""
         missing = sorted(self._keys - self._done)
-        self._keep = None
+        self._keep, self._in_batch = None, False
         if missing:
             raise RuntimeError(f"no activation of model B recorded at {missing[0]}; run A, then B, on every batch")
 
@@ -194,8 +197,8 @@ class PairStatisticsRecorder:
         self.statistics.points[key].update(self._waiting.pop(key), kept_tokens(value, self._current_keep()))
         self._done.add(key)
 
-    def _current_keep(self) -> torch.Tensor:
-        if self._keep is None:
+    def _current_keep(self) -> torch.Tensor | None:
+        if not self._in_batch:
             raise RuntimeError("a forward pass ran outside begin_batch/end_batch of the statistics recorder")
         return self._keep
 

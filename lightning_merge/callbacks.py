@@ -95,9 +95,16 @@ class MergeCallback(pl.Callback):
     ) -> None:
         self._recorder.end_batch()  # every point's sums were updated during the forward passes
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()  # left in place, they would break every later forward of the models
+
+    def _remove_hooks(self) -> None:
+        if self._recorder is not None:
+            self._recorder.remove()
+            self._recorder = None
+
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._recorder.remove()
-        self._recorder = None
+        self._remove_hooks()
         reduced = {k: trainer.strategy.reduce(t, reduce_op="sum") for k, t in self.statistics.state_tensors().items()}
         self.statistics.load_state_tensors(reduced)
         if self.statistics.points and self.statistics.token_count == 0:

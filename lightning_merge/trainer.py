@@ -73,7 +73,7 @@ class MergeTrainer(pl.Trainer):
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
             statistics_dtype: ``float64`` (default) or ``float32``: the dtype each block's feature products are
                 formed in; the sums are float64 either way. float32 is faster (on GPUs by far) and its correlation
-                error is negligible for matching (benchmarks/merge_core.py measures it).
+                error is negligible for matching (benchmarks/statistics_precision.py measures it).
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.
             overwrite: replace the outputs of an earlier run in the same directory.

@@ -107,7 +107,8 @@ def test_pair_recorder_streams_the_same_sums_as_two_recorders(model):
     model_b, spec = _other_model(), spec_for_model(model)
     special = torch.zeros(2, 6, dtype=torch.long)
     special[:, -1] = 1
-    batches = [(inputs()["attention_mask"], None), (torch.ones(2, 6, dtype=torch.long), special)]
+    everything = torch.ones(2, 6, dtype=torch.long)  # nothing dropped: the recorder keeps views, not copies
+    batches = [(inputs()["attention_mask"], None), (everything, special), (everything, None)]
     streamed, popped = MergeStatistics(spec), MergeStatistics(spec)
     with PairStatisticsRecorder(model, model_b, streamed) as recorder:
         for mask, special_mask in batches:
@@ -120,7 +121,7 @@ def test_pair_recorder_streams_the_same_sums_as_two_recorders(model):
             model(input_ids=inputs()["input_ids"], attention_mask=mask)
             model_b(input_ids=inputs()["input_ids"], attention_mask=mask)
             popped.update_from_features(recorder_a.pop(mask, special_mask), recorder_b.pop(mask, special_mask))
-    assert streamed.token_count == popped.token_count == 9 + 10
+    assert streamed.token_count == popped.token_count == 9 + 10 + 12
     for key, tensor in popped.state_tensors().items():
         torch.testing.assert_close(streamed.state_tensors()[key], tensor, rtol=0, atol=1e-12)
 
@@ -148,6 +149,6 @@ def test_kept_tokens_is_a_view_when_nothing_is_dropped():
     from lightning_merge.merge.features import kept_tokens
 
     value = torch.randn(2, 3, 4)
-    assert kept_tokens(value, torch.ones(2, 3, dtype=torch.bool)).data_ptr() == value.data_ptr()
+    assert kept_tokens(value, None).data_ptr() == value.data_ptr()
     keep = torch.tensor([[True, False, True], [True, True, False]])
     torch.testing.assert_close(kept_tokens(value, keep), value[keep])

@@ -167,9 +167,12 @@ def test_fit_methods_solves_each_shared_assignment_once_and_matches_fit(monkeypa
     statistics = collect_statistics(model_a, model_b, batches(2), spec)
     names = ["vanilla", "ff", "ff+attn[monotonic]", "ff+attn[head_perm]", "res[first]", "res[all]", "permute"]
     chosen = {name: get_method(name) for name in names}
-    expected = {name: method.fit(statistics, spec) for name, method in chosen.items()}
-    solved = []
     matchers = dict(methods_module.GROUP_MATCHERS)
+    expected = {
+        name: {g: matchers[spec.groups[g].kind](m, statistics, spec.groups[g]) for g in m.group_names(spec)}
+        for name, m in chosen.items()
+    }
+    solved = []
     for kind, matcher in matchers.items():
         monkeypatch.setitem(
             methods_module.GROUP_MATCHERS, kind,
@@ -181,5 +184,6 @@ def test_fit_methods_solves_each_shared_assignment_once_and_matches_fit(monkeypa
         assert fitted[name].keys() == expected[name].keys(), name
         for group, perm in expected[name].items():
             assert torch.equal(fitted[name][group], perm), (name, group)
+    assert fitted["ff"]["ff.0"] is not fitted["permute"]["ff.0"]  # shared work, but no aliased tensors
     # ff.0/ff.1 once; attn.* once per variant (monotonic, head_perm); res once per variant (first, all)
     assert sorted(solved) == sorted(["ff.0", "ff.1", "attn.0", "attn.1", "attn.0", "attn.1", "res", "res"])

@@ -53,6 +53,27 @@ def test_float32_products_stay_close_to_float64_even_under_autocast():
         PairStatistics(4, products="bfloat16")
 
 
+def test_float32_products_survive_a_large_mean_and_constant_features():
+    generator = torch.Generator().manual_seed(3)
+    x_a = 100.0 + 0.1 * torch.randn(20000, 8, generator=generator)  # a LayerNorm outlier: mean 1000x the spread
+    x_b = x_a[:, torch.randperm(8, generator=generator)] + 0.05 * torch.randn(20000, 8, generator=generator)
+    x_b[:, 3] = 7.5  # constant: dead in float32 as in float64
+    exact, fast = PairStatistics(8), PairStatistics(8, products="float32")
+    exact.update(x_a, x_b)
+    fast.update(x_a, x_b)
+    torch.testing.assert_close(fast.correlation(), exact.correlation(), rtol=0, atol=1e-4)
+    assert (fast.correlation()[:, 3] == 0).all()
+
+
+def test_non_finite_features_correlate_zero():
+    x_a, x_b = correlated(100, 4)
+    x_a[5, 2] = float("inf")
+    stats = PairStatistics(4)
+    stats.update(x_a, x_b)
+    corr = stats.correlation()
+    assert (corr[2] == 0).all() and torch.isfinite(corr).all()
+
+
 def test_dead_and_constant_features_give_zero_not_nan():
     x_a, x_b = correlated(200, 4)
     x_a[:, 1] = 0.0  # dead

@@ -122,13 +122,30 @@ def test_unknown_method_fails_before_any_work(tmp_path, permuted_pair) -> None:
     assert not (tmp_path / "run").exists()
 
 
-def test_float32_statistics_recover_the_planted_permutations(tmp_path, permuted_pair) -> None:
+def test_float32_statistics_and_overlapping_methods(tmp_path, permuted_pair) -> None:
     model_a, model_b, planted = permuted_pair
-    results = merge(tmp_path, model_a, model_b, ["ff+attn+res"], statistics_dtype="float32", export_method=None)
+    methods = ["ff", "res[first]", "ff+attn+res"]  # the ff and res assignments are solved once, saved per method
+    results = merge(tmp_path, model_a, model_b, methods, statistics_dtype="float32", export_method=None)
     assert results["barriers"]["ff+attn+res"]["barrier"] <= 1e-4
     perms = load_file(tmp_path / "run" / "permutations.safetensors")
     for group, perm in planted.items():
         assert torch.equal(perms[f"ff+attn+res/{group}"], invert_permutation(perm)), group
+    assert torch.equal(perms["ff/ff.0"], perms["ff+attn+res/ff.0"])
+
+
+class NoMaskFeatures(RandomTokens):
+    def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
+        return DataLoader([{"input_ids": i} for i in self.input_ids], batch_size=4)
+
+
+def test_a_failed_statistics_pass_leaves_no_hooks_on_the_models(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
+    module = InterpolationModule(str(model_a), str(model_b))
+    with pytest.raises(KeyError, match="attention_mask"):
+        trainer.merge(module, NoMaskFeatures(), methods=["ff"], export_method=None)
+    assert not any(m._forward_hooks for m in (*module.model_a.modules(), *module.model_b.modules()))
 
 
 def test_unknown_statistics_dtype_fails_before_any_work(tmp_path, permuted_pair) -> None:

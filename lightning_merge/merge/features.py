@@ -107,7 +107,7 @@ class FeatureRecorder:
         Returns:
             group name -> point key -> (N, d) features, N = kept tokens. Clears the captured activations.
         """
-        keep = token_mask(attention_mask, special_tokens_mask)
+        keep = _drop_mask(token_mask(attention_mask, special_tokens_mask))
         missing = [p.key for p in self.points() if p.key not in self._captured]
         if missing:
             raise RuntimeError(f"no activation recorded at {missing[0]}; run a forward pass inside the recorder")
@@ -124,9 +124,14 @@ def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor |
 
 def kept_tokens(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """(B, T, d) -> (N, d) rows of the kept tokens (``keep`` None: all of them, as a view, not a copy)."""
-    if keep is None or keep.all():
+    if keep is None:
         return value.reshape(-1, value.shape[-1])
     return value[keep.to(value.device)]
+
+
+def _drop_mask(keep: torch.Tensor) -> torch.Tensor | None:
+    """``keep``, or None when it keeps every token (one host sync per batch, not one per feature point)."""
+    return None if keep.all() else keep
 
 
 class PairStatisticsRecorder:
@@ -174,9 +179,7 @@ class PairStatisticsRecorder:
 
     def begin_batch(self, attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None = None) -> None:
         """The tokens of the next batch to count (see `FeatureRecorder.pop`)."""
-        keep = token_mask(attention_mask, special_tokens_mask)
-        # decided once per batch: asking a GPU mask at every point would synchronise with the host each time
-        self._keep = None if keep.all() else keep
+        self._keep = _drop_mask(token_mask(attention_mask, special_tokens_mask))
         self._in_batch = True
         self._waiting.clear()
         self._done.clear()

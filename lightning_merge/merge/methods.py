@@ -112,8 +112,9 @@ class MergeMethod:
         return {"ff": "", "attn": self.attention, "res": self.residual}[kind]
 
 
-# Threads that solve independent assignments at once; a few suffice to hide the serial parts between them.
-MATCHING_WORKERS = min(8, os.cpu_count() or 1)
+# Threads that solve independent assignments at once. Each holds a few float64 d x d copies (correlation, scipy's
+# working copies: ~300 MB for BERT-base's FF), so a few threads, not one per core.
+MATCHING_WORKERS = min(4, os.cpu_count() or 1)
 
 
 def fit_methods(
@@ -145,8 +146,9 @@ def _fit_groups(
     with ThreadPoolExecutor(max(1, min(workers, len(jobs)))) as pool:
         futures = {key: pool.submit(GROUP_MATCHERS[g.kind], m, statistics, g) for key, (m, g) in jobs.items()}
         solved = {key: future.result() for key, future in futures.items()}
+    # a copy per method: shared tensors would alias across methods (and safetensors refuses to save aliases)
     return {
-        request: {name: solved[(name, method.variant(spec.groups[name].kind))] for name in names}
+        request: {name: solved[(name, method.variant(spec.groups[name].kind))].clone() for name in names}
         for request, (method, names) in requests.items()
     }
 

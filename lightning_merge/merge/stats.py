@@ -5,9 +5,11 @@ x_b, x_a², x_b² and x_a x_bᵀ (A's features against B's). The sums combine ex
 `state_tensors`), and the Pearson correlation is computed from them at the end; features that are dead or constant
 get correlation 0 with everything, never NaN.
 
-The products of each block of tokens are formed in float64 by default; ``product_dtype="float32"`` forms them in
-float32 (about twice as fast on CPUs, far faster on GPUs) and still adds them into float64 sums, so rounding does not
-grow with the number of tokens. ``benchmarks/merge_core.py`` measures the correlation error that costs.
+The products of each block of tokens are formed in float64 by default; ``products="float32"`` forms them in float32
+from features shifted by the block's mean and adds them, with the shift's terms, into float64 sums, so rounding
+neither grows with the number of tokens nor is amplified by features whose mean dwarfs their spread. They follow
+torch's float32 matmul precision (TF32 where the user enables it). ``benchmarks/statistics_precision.py`` measures
+the correlation error and whether matching changes.
 """
 
 from __future__ import annotations
@@ -75,14 +77,32 @@ class PairStatistics:
         a = x_a.to(self.device, self.product_dtype)
         b = x_b.to(self.device, self.product_dtype)
         self.count += a.shape[0]
-        self.sum_a += a.sum(0, dtype=torch.float64)
-        self.sum_b += b.sum(0, dtype=torch.float64)
-        self.sq_a += a.square().sum(0, dtype=torch.float64)
-        self.sq_b += b.square().sum(0, dtype=torch.float64)
         if self.product_dtype == torch.float64:
+            self.sum_a += a.sum(0)
+            self.sum_b += b.sum(0)
+            self.sq_a += a.square().sum(0)
+            self.sq_b += b.square().sum(0)
             self.cross.addmm_(a.T, b)  # in place: no (d_a, d_b) temporary
         else:
-            self.cross += a.T @ b
+            self._update_block_shifted(a, b)
+
+    def _update_block_shifted(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Low-precision products of the block shifted by its own mean, the shift added back in float64.
+
+        For any shift k, sum(x y) = sum((x-k)(y-k')) + k sum(y-k') + sum(x-k) k' + n k k'. Unshifted float32 products
+        of features whose mean dwarfs their spread (LayerNorm outliers) would lose the covariance to rounding.
+        """
+        n = a.shape[0]
+        shift_a, shift_b = a.mean(0), b.mean(0)
+        a, b = a - shift_a, b - shift_b
+        total_a, total_b = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
+        shift_a, shift_b = shift_a.double(), shift_b.double()
+        self.sum_a += total_a + n * shift_a
+        self.sum_b += total_b + n * shift_b
+        self.sq_a += a.square().sum(0, dtype=torch.float64) + 2 * shift_a * total_a + n * shift_a.square()
+        self.sq_b += b.square().sum(0, dtype=torch.float64) + 2 * shift_b * total_b + n * shift_b.square()
+        self.cross += a.T @ b
+        self.cross.addr_(shift_a, total_b).addr_(total_a, shift_b).addr_(shift_a, shift_b, alpha=n)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The sums, by field name; reducing each with SUM across ranks gives the statistics of all tokens."""
@@ -134,12 +154,14 @@ def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> tor
     covariance, var_a, var_b, meansq_a, meansq_b = (t.div_(count) for t in totals)
     inverse_std_a = _inverse_live_std(var_a, meansq_a)
     inverse_std_b = _inverse_live_std(var_b, meansq_b)
+    covariance[inverse_std_a == 0] = 0.0  # a non-finite feature's covariances are NaN, and NaN x 0 stays NaN
+    covariance[:, inverse_std_b == 0] = 0.0
     return covariance.mul_(inverse_std_a[:, None]).mul_(inverse_std_b[None, :]).clamp_(-1.0, 1.0)
 
 
 def _inverse_live_std(variance: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
-    """1/std per feature, 0 for dead or constant ones (so their correlations are 0, not NaN)."""
-    dead = variance <= DEAD_RELATIVE_VARIANCE * mean_square
+    """1/std per feature, 0 for dead, constant or non-finite ones (so their correlations are 0, not NaN)."""
+    dead = (variance <= DEAD_RELATIVE_VARIANCE * mean_square) | ~torch.isfinite(variance)
     return torch.where(dead, 0.0, variance.clamp_min(1e-300).rsqrt())
 
 

@@ -138,8 +138,9 @@ class PairStatisticsRecorder:
     """Hooks on models A and B that add every feature point of a batch to `MergeStatistics` as B produces it.
 
     Two `FeatureRecorder` s would hold both models' activations at every point until the batch ends; here A's wait
-    only until B reaches the same point, which roughly halves the statistics pass's peak memory. Run A, then B, on
-    each batch, between `begin_batch` and `end_batch`::
+    only until B reaches the same point, which roughly halves the statistics pass's peak memory. Each feature module
+    must run once per forward (true of every BERT module). Run A, then B, on each batch, between `begin_batch` and
+    `end_batch`::
 
         with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
             for batch in batches:

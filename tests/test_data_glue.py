@@ -175,7 +175,11 @@ def test_wiki_next_sentence_is_a_balanced_pair_task(tokenizer_dir):
     labels = torch.tensor(data.datasets["validation"]["labels"])
     assert 0.3 < labels.float().mean() < 0.7  # a 64-row sample of an exactly balanced split
     raw = load_splits(get_task("wiki_next_sentence"))
-    assert 2 * sum(raw["train"]["label"]) - len(raw["train"]) in (0, 1)
+    assert 2 * sum(raw["train"]["label"]) == len(raw["train"])
+    labels_of = {}
+    for first, label in zip(raw["train"]["sentence1"], raw["train"]["label"]):
+        labels_of.setdefault(first, []).append(label)
+    assert all(2 * sum(labels) == len(labels) for labels in labels_of.values())  # sentence A alone tells nothing
     assert not set(raw["train"]["sentence1"]) & set(raw["validation"]["sentence1"])  # split by article
     batch = next(iter(data.train_dataloader()))
     assert (batch["token_type_ids"] == 1).any() and (batch["token_type_ids"] == 0).any()

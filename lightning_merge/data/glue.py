@@ -7,9 +7,10 @@ dynamic padding. Offline tasks (shared/DATA.md):
 
 - ``rt_polarity``: Rotten Tomatoes reviews, fresh = 1 vs rotten = 0 (``plot`` rows dropped), the SST-2 analogue;
   deduplicated, balanced and split 80/10/10 with a fixed seed, so every training seed sees the same split.
-- ``wiki_next_sentence``: does sentence B follow sentence A in a Wikipedia article (1) or not (0); balanced; the
-  negatives come half from another article of the same split, half from the same article but not adjacent;
-  split by article as the MLM corpus is (its validation articles are the MLM validation articles).
+- ``wiki_next_sentence``: does sentence B follow sentence A in a Wikipedia article (1) or not (0); every anchor
+  sentence A appears twice, once with its next sentence and once with a negative (so A alone says nothing about
+  the label); the negatives come half from another article of the same split, half from the same article but not
+  adjacent; split by article as the MLM corpus is (its validation articles are the MLM validation articles).
 """
 
 from __future__ import annotations
@@ -158,9 +159,10 @@ WIKI_VALIDATION_FRACTION = 0.1  # WikipediaSource's default: NSP validation arti
 def _sentence_pairs(articles: list[list[list[str]]], rng: random.Random) -> dict[str, list]:
     """Balanced next-sentence pairs from articles given as paragraphs of sentences.
 
-    Positives are adjacent sentences of one paragraph. Each anchor of a negative is paired with a random sentence
-    of another article (easy: the topic differs) or, half the time, a non-adjacent sentence of its own article
-    (hard: only order and discourse tell).
+    Every anchor (a sentence with a successor in its paragraph) gives one positive, its successor, and one negative:
+    a random sentence of another article (easy: the topic differs) or, half the time, a non-adjacent sentence of
+    its own article (hard: only order and discourse tell). Pairing each anchor both ways matters: with one pair
+    per anchor a model memorises the label from sentence A alone (its validation loss rises while it trains).
     """
     flat = [[s for paragraph in article for s in paragraph] for article in articles]
     anchors = [
@@ -168,12 +170,12 @@ def _sentence_pairs(articles: list[list[list[str]]], rng: random.Random) -> dict
     ]
     rng.shuffle(anchors)
     pairs: dict[str, list] = {"sentence1": [], "sentence2": [], LABEL: []}
-    for k, (a, p, i) in enumerate(anchors):
+    for a, p, i in anchors:
         first, follows = articles[a][p][i], articles[a][p][i + 1]
-        second = follows if k % 2 == 0 else _negative(flat, a, first, follows, rng)
-        pairs["sentence1"].append(first)
-        pairs["sentence2"].append(second)
-        pairs[LABEL].append(int(k % 2 == 0))
+        for second, label in ((follows, 1), (_negative(flat, a, first, follows, rng), 0)):
+            pairs["sentence1"].append(first)
+            pairs["sentence2"].append(second)
+            pairs[LABEL].append(label)
     return pairs
 
 

@@ -78,8 +78,8 @@ class MergeMethod:
     @property
     def canonical_name(self) -> str:
         """The name in full group syntax (``vanilla`` when nothing is permuted)."""
-        variants = {"ff": "", "attn": f"[{self.attention}]", "res": f"[{self.residual}]"}
-        return "+".join(kind + variants[kind] for kind in GROUP_KINDS if kind in self.groups) or "vanilla"
+        kinds = [kind for kind in GROUP_KINDS if kind in self.groups]
+        return "+".join(f"{kind}[{self.variant(kind)}]" if self.variant(kind) else kind for kind in kinds) or "vanilla"
 
     def group_names(self, spec: PermutationSpec) -> list[str]:
         """The spec groups this method needs statistics for and returns perms of."""

@@ -45,6 +45,19 @@ def test_match_features_recovers_planted_and_orientation():
     assert torch.equal(x_b[:, recovered], x_a)  # perm[i] = the B feature that goes to position i
 
 
+@pytest.mark.parametrize("kind", ["continuous", "ties"])
+def test_match_features_overwrite_gives_the_same_assignment(kind):
+    generator = torch.Generator().manual_seed(3)
+    corr = torch.randn(40, 40, generator=generator, dtype=torch.float64)
+    if kind == "ties":
+        corr = corr.round()  # many equal entries: both paths must break ties the same way
+    original = corr.clone()
+    kept = match_features(corr)
+    assert torch.equal(corr, original)  # the default leaves the caller's matrix alone
+    assert torch.equal(match_features(corr, overwrite=True), kept)
+    assert torch.equal(corr, -original)  # overwrite negated it in place instead of copying
+
+
 @pytest.mark.parametrize("variant", ["head_perm", "ignore_heads"])
 def test_attention_variants_recover_head_aware_plant(variant):
     group = PermGroup("attn.0", "attn", 12, num_heads=3)

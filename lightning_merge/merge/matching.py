@@ -19,10 +19,20 @@ from scipy.optimize import linear_sum_assignment
 from lightning_merge.errors import DataError
 
 
-def match_features(corr: torch.Tensor) -> torch.Tensor:
-    """One Hungarian assignment over all features: ``perm[i]`` = B feature matched to A feature i."""
+def match_features(corr: torch.Tensor, overwrite: bool = False) -> torch.Tensor:
+    """One Hungarian assignment over all features: ``perm[i]`` = B feature matched to A feature i.
+
+    Args:
+        corr: (d, d) correlation, rows = A's features.
+        overwrite: ``corr`` may be destroyed (negated in place), for a matrix the caller no longer needs: with
+            ``maximize=True`` scipy negates into a d x d copy of its own, 32 MiB for a 2048-wide FF layer.
+    """
     _check_square(corr)
-    rows, cols = linear_sum_assignment(_as_numpy(corr), maximize=True)
+    values = _as_numpy(corr)
+    if overwrite:
+        rows, cols = linear_sum_assignment(np.negative(values, out=values))  # scipy's maximize negates the same way
+    else:
+        rows, cols = linear_sum_assignment(values, maximize=True)
     perm = np.empty(len(rows), dtype=np.int64)
     perm[rows] = cols
     return torch.from_numpy(perm)

@@ -112,8 +112,8 @@ class MergeMethod:
         return {"ff": "", "attn": self.attention, "res": self.residual}[kind]
 
 
-# Threads that solve independent assignments at once. Each holds a few float64 d x d copies (correlation, scipy's
-# working copies: ~300 MB for BERT-base's FF), so a few threads, not one per core.
+# Threads that solve independent assignments at once. Each holds a float64 d x d correlation (72 MiB for BERT-base's
+# FF), so a few threads, not one per core.
 MATCHING_WORKERS = min(4, os.cpu_count() or 1)
 
 
@@ -154,7 +154,7 @@ def _fit_groups(
 
 
 def _fit_ff(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
-    return match_features(statistics.correlation(group.name))
+    return match_features(statistics.correlation(group.name), overwrite=True)
 
 
 def _fit_attention(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
@@ -162,7 +162,7 @@ def _fit_attention(method: MergeMethod, statistics: MergeStatistics, group: Perm
 
 
 def _fit_residual(method: MergeMethod, statistics: MergeStatistics, group: PermGroup) -> torch.Tensor:
-    return match_features(statistics.correlation(group.name, RESIDUAL_POINTS[method.residual]))
+    return match_features(statistics.correlation(group.name, RESIDUAL_POINTS[method.residual]), overwrite=True)
 
 
 GROUP_MATCHERS: dict[str, Callable[[MergeMethod, MergeStatistics, PermGroup], torch.Tensor]] = {

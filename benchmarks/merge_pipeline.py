@@ -127,7 +127,8 @@ def run_one(args: argparse.Namespace) -> dict:
                                default_root_dir=str(Path(tmp) / "run"))
         start = time.perf_counter()
         results = trainer.merge(
-            module, data, methods=args.methods, export_method=None, statistics_dtype=args.statistics_dtype
+            module, data, methods=args.methods, export_method=None, statistics_dtype=args.statistics_dtype,
+            statistics_batch_size=args.statistics_batch_size,
         )
         total = time.perf_counter() - start
         module.to(trainer.strategy.root_device)
@@ -144,6 +145,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "device": str(device),
         "precision": args.precision,
         "statistics_dtype": args.statistics_dtype,
+        "statistics_batch_size": args.statistics_batch_size or args.batch_size,
         "feature_tokens": t.get("statistics_tokens", 0),
         "eval_tokens": data.evaluation["input_ids"].numel(),
         "statistics_s": t.get("statistics_s", 0.0),
@@ -166,7 +168,8 @@ def run_one(args: argparse.Namespace) -> dict:
 
 
 COLUMNS = (
-    ("preset", "{}"), ("device", "{}"), ("feature_tokens", "{}"), ("statistics_s", "{:.2f}"),
+    ("preset", "{}"), ("device", "{}"), ("feature_tokens", "{}"), ("statistics_batch_size", "{}"),
+    ("statistics_s", "{:.2f}"),
     ("feature_tokens_per_s", "{:.0f}"), ("matching_s", "{:.2f}"), ("apply_s", "{:.3f}"), ("curves_s", "{:.2f}"),
     ("per_point_s", "{:.3f}"), ("forward_s", "{:.3f}"), ("per_point_over_forward", "{:.2f}"), ("total_s", "{:.1f}"),
     ("two_models_param_mib", "{:.0f}"), ("statistics_mib", "{:.0f}"), ("memory_target_mib", "{:.0f}"),
@@ -191,6 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feature-tokens", type=int, default=65536)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--statistics-batch-size", type=int, help="statistics pass batch (default: --batch-size)")
     parser.add_argument("--lambdas", type=int, default=11)
     parser.add_argument("--methods", nargs="+", default=["vanilla", "ff+attn+res"])
     parser.add_argument("--accelerator", default="auto")

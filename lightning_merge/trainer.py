@@ -53,6 +53,7 @@ class MergeTrainer(pl.Trainer):
         statistics_max_blocks: int | None = 512,
         statistics_dtype: str = "float64",
         statistics_data: pl.LightningDataModule | None = None,
+        statistics_batch_size: int | None = None,
         overwrite: bool = False,
     ) -> dict[str, Any]:
         """Align model B to model A with every method and measure the loss barrier of each.
@@ -76,12 +77,17 @@ class MergeTrainer(pl.Trainer):
                 error is negligible for matching (benchmarks/statistics_precision.py measures it).
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.
+            statistics_batch_size: sequences per batch of the statistics pass (default: the datamodule's). The
+                pass holds model A's features at every feature point for one batch while B runs, so a smaller batch
+                lowers its peak memory in proportion; the sums do not change.
             overwrite: replace the outputs of an earlier run in the same directory.
         """
         methods = list(methods or DEFAULT_METHODS)
         run_dir = Path(self.default_root_dir)
         self._check_request(run_dir, methods, export_method, overwrite)
         product_dtype(statistics_dtype)  # an unknown name fails before any work
+        if statistics_batch_size is not None and statistics_batch_size < 1:
+            raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, float] = {}
@@ -89,6 +95,8 @@ class MergeTrainer(pl.Trainer):
             statistics_data.setup("validate")
             model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
         statistics = _statistics_loader(statistics_data or datamodule, statistics_split, statistics_max_blocks)
+        if statistics_batch_size is not None:
+            statistics = _unrepeated(statistics, statistics_batch_size)
         permutations = self._fit_permutations(
             model, datamodule, statistics, methods, exclude_special_tokens, statistics_dtype, timings
         )
@@ -188,10 +196,12 @@ class RankStridedSampler(DistributedSampler):
         return len(range(rank, len(self.dataset), world))
 
 
-def _unrepeated(loader: DataLoader) -> DataLoader:
-    """The same loader, but split across ranks without repeats (see `RankStridedSampler`)."""
-    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=RankStridedSampler(loader.dataset),
-                      collate_fn=loader.collate_fn, num_workers=loader.num_workers)
+def _unrepeated(loader: DataLoader, batch_size: int | None = None) -> DataLoader:
+    """The same loader (or with another batch size), split across ranks without repeats (`RankStridedSampler`)."""
+    return DataLoader(loader.dataset, batch_size=batch_size or loader.batch_size,
+                      sampler=RankStridedSampler(loader.dataset), collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers)
+
 
 
 def _first(loaders: Any) -> Any:

@@ -133,6 +133,34 @@ def test_float32_statistics_and_overlapping_methods(tmp_path, permuted_pair) -> 
     assert torch.equal(perms["ff/ff.0"], perms["ff+attn+res/ff.0"])
 
 
+class StatisticsBatchSizes(pl.Callback):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.sizes.append(len(batch["input_ids"]))
+
+
+def test_statistics_batch_size_changes_the_batches_not_the_result(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    methods = ["ff", "ff+attn+res"]
+    default = merge(tmp_path / "default", model_a, model_b, methods, export_method=None)
+    batches = StatisticsBatchSizes()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), callbacks=[batches],
+                           **quiet)
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.25, 0.5, 0.75, 1])
+    smaller = trainer.merge(module, RandomTokens(), methods=methods, export_method=None, statistics_batch_size=3)
+    assert batches.sizes == [3] * 5 + [1]  # 16 blocks in batches of 3, not RandomTokens' 4
+    assert smaller["timings"]["statistics_tokens"] == default["timings"]["statistics_tokens"]
+    expected = load_file(tmp_path / "default" / "run" / "permutations.safetensors")
+    got = load_file(tmp_path / "run" / "permutations.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    with pytest.raises(ConfigError, match="statistics_batch_size=0 must be at least 1"):
+        merge(tmp_path / "zero", model_a, model_b, methods, export_method=None, statistics_batch_size=0)
+    assert not (tmp_path / "zero").exists()
+
+
 class NoMaskFeatures(RandomTokens):
     def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
         return DataLoader([{"input_ids": i} for i in self.input_ids], batch_size=4)

@@ -1,8 +1,9 @@
-"""GLUE task table, local files of the GLUE schema, bad inputs, and the offline tasks (rt_polarity, next sentence)."""
+"""GLUE task table, local files of the GLUE schema, bad inputs, and the offline tasks (rt_polarity, wiki pairs)."""
 
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from lightning_merge.data.glue import (
     load_splits,
     tokenizer_source,
 )
+from lightning_merge.data.glue import _paraphrase_pairs as paraphrase_pairs
 from lightning_merge.data.tokenizer import load_tokenizer, train_wordpiece
 from lightning_merge.errors import ConfigError, DataError, UnknownNameError
 
@@ -184,3 +186,50 @@ def test_wiki_next_sentence_is_a_balanced_pair_task(tokenizer_dir):
     batch = next(iter(data.train_dataloader()))
     assert (batch["token_type_ids"] == 1).any() and (batch["token_type_ids"] == 0).any()
     assert data.majority_accuracy() == pytest.approx(max(labels.float().mean(), 1 - labels.float().mean()).item())
+
+
+def _words(sentence: str) -> set[str]:
+    return set(sentence.split())
+
+
+def test_paraphrase_pairs_ask_to_compare_both_sentences() -> None:
+    articles = [
+        [[f"article {a} sentence {i} says {' '.join(f'w{a}{i}{k}' for k in range(8))}" for i in range(p, p + 3)]
+         for p in (0, 3)]
+        for a in range(4)
+    ]
+    pairs = paraphrase_pairs(articles, random.Random(0))
+    assert pairs == paraphrase_pairs(articles, random.Random(0))  # a fixed split for every training seed
+    first, second, labels = pairs["sentence1"], pairs["sentence2"], pairs["label"]
+    assert len(labels) == 2 * 4 * 6 and 2 * sum(labels) == len(labels)
+    assert first[0::2] == first[1::2] and labels[0::2] == [1] * 24 and labels[1::2] == [0] * 24  # A alone: no cue
+    vocabulary = {w for article in articles for paragraph in article for s in paragraph for w in s.split()}
+    shared = {0: [], 1: []}
+    for a, b, label in zip(first, second, labels):
+        assert _words(b) <= vocabulary and b != a  # rewritten, from words of the corpus
+        own = {w for w in _words(a) if w.startswith("w")}  # the words only this sentence has
+        shared[label].append(len(own & _words(b)) / len(own))
+    assert min(shared[1]) > 0 and sum(shared[1]) / 24 > 0.6  # each word kept with probability 0.7
+    assert sum(shared[0]) / 24 < 0.1  # a negative shares A's words only where a rewrite drew one from A's article
+
+
+def test_paraphrase_pairs_refuse_a_corpus_with_nothing_to_pair() -> None:
+    with pytest.raises(DataError, match="no sentence other than 'one repeated sentence'"):
+        paraphrase_pairs([[["one repeated sentence"]], [["one repeated sentence"]]], random.Random(0))
+
+
+def test_wiki_paraphrase_is_a_balanced_pair_task(tokenizer_dir):
+    data = GLUEDataModule(task="wiki_paraphrase", tokenizer=tokenizer_dir, max_eval_samples=64, max_train_samples=64)
+    data.setup("fit")
+    raw = load_splits(get_task("wiki_paraphrase"))
+    for part in raw.values():
+        assert 2 * sum(part["label"]) == len(part)
+        ratio = {label: [] for label in (0, 1)}
+        for a, b, label in zip(part["sentence1"], part["sentence2"], part["label"]):
+            ratio[label].append(len(b.split()) / len(a.split()))
+        mean = {label: sum(r) / len(r) for label, r in ratio.items()}
+        assert abs(mean[1] - mean[0]) < 0.05, mean  # B's length relative to A's gives the label away no more
+    assert not set(raw["train"]["sentence1"]) & set(raw["validation"]["sentence1"])  # split by article
+    batch = next(iter(data.train_dataloader()))
+    assert (batch["token_type_ids"] == 1).any() and (batch["token_type_ids"] == 0).any()
+    assert get_task("wiki_paraphrase").metrics == ("accuracy", "f1")

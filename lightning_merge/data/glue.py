@@ -11,6 +11,8 @@ dynamic padding. Offline tasks (shared/DATA.md):
   sentence A appears twice, once with its next sentence and once with a negative (so A alone says nothing about
   the label); the negatives come half from another article of the same split, half from the same article but not
   adjacent; split by article as the MLM corpus is (its validation articles are the MLM validation articles).
+- ``wiki_paraphrase``: is sentence B a noisy rewrite of sentence A (1) or of another sentence (0), the MRPC/QQP
+  analogue; rewrites drop, replace and swap words; the same balancing and article split as ``wiki_next_sentence``.
 """
 
 from __future__ import annotations
@@ -169,35 +171,121 @@ def _sentence_pairs(articles: list[list[list[str]]], rng: random.Random) -> dict
         (a, p, i) for a, article in enumerate(articles) for p, para in enumerate(article) for i in range(len(para) - 1)
     ]
     rng.shuffle(anchors)
-    pairs: dict[str, list] = {"sentence1": [], "sentence2": [], LABEL: []}
+    pairs = _PairColumns()
     for a, p, i in anchors:
         first, follows = articles[a][p][i], articles[a][p][i + 1]
-        for second, label in ((follows, 1), (_negative(flat, a, first, follows, rng), 0)):
-            pairs["sentence1"].append(first)
-            pairs["sentence2"].append(second)
-            pairs[LABEL].append(label)
-    return pairs
+        pairs.add_both(first, follows, _negative(flat, a, (first, follows), rng))
+    return pairs.columns
 
 
-def _negative(flat: list[list[str]], article: int, first: str, follows: str, rng: random.Random) -> str:
-    own = [s for s in flat[article] if s not in (first, follows)]
+def _paraphrase_pairs(articles: list[list[list[str]]], rng: random.Random) -> dict[str, list]:
+    """Balanced paraphrase pairs: sentence A with a noisy rewrite of itself (1) or of another sentence (0).
+
+    Both sides of every negative are rewritten the same way, so sentence B alone says nothing about the label; the
+    other sentence comes half the time from A's own article (shared topic words), so telling them apart needs the
+    word-by-word comparison of A and B that MRPC and QQP ask for. The other sentence is the closest in length of a
+    few candidates, so that comparing lengths does not give the label away.
+    """
+    words = [[s.split() for paragraph in article for s in paragraph] for article in articles]
+    vocabulary = [[w for sentence in sentences for w in sentence] for sentences in words]
+    anchors = [(a, i) for a, sentences in enumerate(words) for i in range(len(sentences))]
+    rng.shuffle(anchors)
+    pairs = _PairColumns()
+    for a, i in anchors:
+        first = words[a][i]
+        other = _length_matched_other(words, a, first, rng)
+        pairs.add_both(" ".join(first), _rewrite(first, vocabulary[a], rng), _rewrite(other, vocabulary[a], rng))
+    return pairs.columns
+
+
+class _PairColumns:
+    """The ``sentence1``, ``sentence2``, ``label`` columns of a pair task, every anchor with both labels."""
+
+    def __init__(self) -> None:
+        self.columns: dict[str, list] = {"sentence1": [], "sentence2": [], LABEL: []}
+
+    def add_both(self, first: str, positive: str, negative: str) -> None:
+        for second, label in ((positive, 1), (negative, 0)):
+            self.columns["sentence1"].append(first)
+            self.columns["sentence2"].append(second)
+            self.columns[LABEL].append(label)
+
+
+def _negative(flat: list[list[str]], article: int, exclude: tuple[str, ...], rng: random.Random) -> str:
+    own = [s for s in flat[article] if s not in exclude]
     if own and (len(flat) == 1 or rng.random() < 0.5):
         return rng.choice(own)
     other = rng.choice([b for b in range(len(flat)) if b != article])
     return rng.choice(flat[other])
 
 
-def build_wiki_next_sentence(dump: str | Path | None = None) -> dict[str, datasets.Dataset]:
-    """The ``wiki_next_sentence`` splits (``sentence1``, ``sentence2``, ``label``) from the Wikipedia dump."""
+PARAPHRASE_CANDIDATES = 32  # negatives drawn per anchor; the closest in length is kept
+
+
+def _length_matched_other(
+    words: list[list[list[str]]], article: int, first: list[str], rng: random.Random
+) -> list[str]:
+    """Of a few sentences other than ``first`` (each from its own article or, half the time, another), the one
+    closest to it in words; sentences are given as their words."""
+    candidates = []
+    for _ in range(100 * PARAPHRASE_CANDIDATES):  # bounded: a corpus of one repeated sentence has no other
+        source = article
+        if len(words) > 1 and rng.random() < 0.5:
+            source = rng.randrange(len(words) - 1)
+            source += source >= article  # any article but the anchor's
+        sentence = rng.choice(words[source])
+        if sentence != first:
+            candidates.append(sentence)
+        if len(candidates) == PARAPHRASE_CANDIDATES:
+            break
+    if not candidates:
+        raise DataError(f"no sentence other than {' '.join(first)!r} to pair it with; the corpus is too small")
+    return min(candidates, key=lambda sentence: abs(len(sentence) - len(first)))
+
+
+REWRITE_DROP = 0.15  # share of words a rewrite drops
+REWRITE_REPLACE = 0.15  # share of words it replaces by a word of the anchor's article
+REWRITE_SWAPS_PER_WORD = 0.1  # adjacent-word swaps per remaining word
+
+
+def _rewrite(sentence: list[str], vocabulary: list[str], rng: random.Random) -> str:
+    """The words of ``sentence``, some dropped, some replaced by words of ``vocabulary``, some locally reordered."""
+    words = []
+    for word in sentence:
+        draw = rng.random()
+        if draw >= REWRITE_DROP:
+            words.append(rng.choice(vocabulary) if draw < REWRITE_DROP + REWRITE_REPLACE else word)
+    words = words or list(sentence)
+    for _ in range(round(REWRITE_SWAPS_PER_WORD * len(words))):
+        i = rng.randrange(len(words) - 1)
+        words[i], words[i + 1] = words[i + 1], words[i]
+    return " ".join(words)
+
+
+def _build_wiki_pairs(
+    make_pairs: Callable[[list[list[list[str]]], random.Random], dict[str, list]], dump: str | Path | None
+) -> dict[str, datasets.Dataset]:
     train, validation = wiki.split_articles(wiki.load_articles(dump), WIKI_VALIDATION_FRACTION)
     rng = random.Random(SPLIT_SEED)
     out = {}
     for name, part in ((TRAIN, train), ("validation", validation)):
-        articles = [wiki.article_sentences(a.text) for a in part]
+        articles = [sentences for sentences in (wiki.article_sentences(a.text) for a in part) if sentences]
         if len(articles) < 2:
-            raise DataError(f"the {name} split of the Wikipedia dump has {len(articles)} article(s); need at least 2")
-        out[name] = datasets.Dataset.from_dict(_sentence_pairs(articles, rng))
+            raise DataError(
+                f"the {name} split of the Wikipedia dump has {len(articles)} article(s) with sentences; need at least 2"
+            )
+        out[name] = datasets.Dataset.from_dict(make_pairs(articles, rng))
     return out
+
+
+def build_wiki_next_sentence(dump: str | Path | None = None) -> dict[str, datasets.Dataset]:
+    """The ``wiki_next_sentence`` splits (``sentence1``, ``sentence2``, ``label``) from the Wikipedia dump."""
+    return _build_wiki_pairs(_sentence_pairs, dump)
+
+
+def build_wiki_paraphrase(dump: str | Path | None = None) -> dict[str, datasets.Dataset]:
+    """The ``wiki_paraphrase`` splits (``sentence1``, ``sentence2``, ``label``) from the Wikipedia dump."""
+    return _build_wiki_pairs(_paraphrase_pairs, dump)
 
 
 # ---------------------------------------------------------------- the task table
@@ -234,6 +322,13 @@ TASKS: dict[str, GlueTask] = {
             ("not_next", "next"),
             ("accuracy",),
             builder=build_wiki_next_sentence,
+        ),
+        GlueTask(
+            "wiki_paraphrase",
+            ("sentence1", "sentence2"),
+            ("not_equivalent", "equivalent"),
+            ("accuracy", "f1"),
+            builder=build_wiki_paraphrase,
         ),
     )
 }
@@ -386,7 +481,7 @@ class GLUEDataModule(pl.LightningDataModule):
 
     Args:
         task: Task name: ``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``, ``wnli``
-            (from ``nyu-mll/glue``) or the offline ``rt_polarity``, ``wiki_next_sentence``.
+            (from ``nyu-mll/glue``) or the offline ``rt_polarity``, ``wiki_next_sentence``, ``wiki_paraphrase``.
         tokenizer: HF dir or hub id of the tokenizer; default: the one beside the model's ``init_from``.
         data_files: Split -> local file of the GLUE schema (csv/tsv/jsonl), used instead of the task's source.
         max_length: Longest tokenized input (pairs are truncated longest-first).

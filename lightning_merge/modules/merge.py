@@ -168,11 +168,14 @@ class InterpolationModule(PairModule):
         for m, method in enumerate(self.methods):
             permuted_b = self.endpoint_b(method)  # once per batch and method; O(params), cheap beside a forward
             for i, lam in enumerate(self.lambdas):
-                params = {f"model.{k}": v for k, v in self.interpolated(method, lam, permuted_b).items()}
-                output = functional_call(self.objective, params, (batch,))
-                self.curve_sums.update(m, i, output[0], output[1])
-                if self.task_metrics:
-                    self._update_task_metric(m * len(self.lambdas) + i, output[2], batch["labels"])
+                self._evaluate_point(m, i, self.interpolated(method, lam, permuted_b), batch)
+
+    def _evaluate_point(self, m: int, i: int, params: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+        # its own frame: one point's parameters are freed before the next point's are built
+        output = functional_call(self.objective, {f"model.{k}": v for k, v in params.items()}, (batch,))
+        self.curve_sums.update(m, i, output[0], output[1])
+        if self.task_metrics:
+            self._update_task_metric(m * len(self.lambdas) + i, output[2], batch["labels"])
 
     def _update_task_metric(self, index: int, logits: Tensor, labels: Tensor) -> None:
         preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)

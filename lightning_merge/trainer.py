@@ -94,9 +94,9 @@ class MergeTrainer(pl.Trainer):
         if statistics_data is not None:
             statistics_data.setup("validate")
             model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
-        statistics = _statistics_loader(statistics_data or datamodule, statistics_split, statistics_max_blocks)
-        if statistics_batch_size is not None:
-            statistics = _unrepeated(statistics, statistics_batch_size)
+        statistics = _statistics_loader(
+            statistics_data or datamodule, statistics_split, statistics_max_blocks, statistics_batch_size
+        )
         permutations = self._fit_permutations(
             model, datamodule, statistics, methods, exclude_special_tokens, statistics_dtype, timings
         )
@@ -203,17 +203,17 @@ def _unrepeated(loader: DataLoader, batch_size: int | None = None) -> DataLoader
                       num_workers=loader.num_workers)
 
 
+def _first(loaders: Any, batch_size: int | None = None) -> Any:
+    return _unrepeated(loaders[0] if isinstance(loaders, (list, tuple)) else loaders, batch_size)
 
-def _first(loaders: Any) -> Any:
-    return _unrepeated(loaders[0] if isinstance(loaders, (list, tuple)) else loaders)
 
-
-def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None) -> Any:
-    """Unmasked text of ``split`` when the datamodule offers it (MLM), else its (first) validation inputs."""
+def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None, batch_size: int | None) -> Any:
+    """Unmasked text of ``split`` when the datamodule offers it (MLM), else its (first) validation inputs; in batches
+    of ``batch_size`` (None: the datamodule's)."""
     features = getattr(datamodule, "features_dataloader", None)
     if callable(features):
-        return _unrepeated(features(split=split, max_blocks=max_blocks))
-    return _first(datamodule.val_dataloader())
+        return _unrepeated(features(split=split, max_blocks=max_blocks), batch_size)
+    return _first(datamodule.val_dataloader(), batch_size)
 
 
 def _task_metrics(datamodule: Any) -> torchmetrics.MetricCollection | None:

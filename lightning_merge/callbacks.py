@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,10 +105,18 @@ class MergeCallback(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        reduced = {k: trainer.strategy.reduce(t, reduce_op="sum") for k, t in self.statistics.state_tensors().items()}
-        self.statistics.load_state_tensors(reduced)
+        _sum_across_ranks(trainer.strategy, self.statistics.state_tensors().values())
         if self.statistics.points and self.statistics.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
         matched_at = time.perf_counter()
         self.permutations = fit_methods(self.methods, self.statistics, pl_module.spec)
         self.timings = {"statistics_s": matched_at - self._start, "matching_s": time.perf_counter() - matched_at}
+
+
+def _sum_across_ranks(strategy: pl.strategies.Strategy, tensors: Iterable[Tensor]) -> None:
+    """All-reduce every tensor in place, one at a time: reduced copies of all the sums, kept until loaded, would
+    hold the statistics twice while the permutations are fitted."""
+    for total in tensors:
+        reduced = strategy.reduce(total, reduce_op="sum")
+        if reduced is not total:  # DDP reduces in place and a single device returns the input; anything else: copy
+            total.copy_(reduced)

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
+from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.features import PairStatisticsRecorder
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import MergeStatistics, product_dtype
@@ -105,6 +106,7 @@ class MergeCallback(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
+        release_freed_memory()  # the pass's activations and features, before matching allocates its correlations
         _sum_across_ranks(trainer.strategy, self.statistics.state_tensors().values())
         if self.statistics.points and self.statistics.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.errors import ConfigError, OutputExistsError
 from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
+from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.methods import get_method
 from lightning_merge.merge.stats import product_dtype
 from lightning_merge.modules.merge import InterpolationModule
@@ -101,9 +102,11 @@ class MergeTrainer(pl.Trainer):
             model, datamodule, statistics, methods, exclude_special_tokens, statistics_dtype, timings
         )
         model.set_methods(permutations, _task_metrics(datamodule))
+        release_freed_memory()  # the statistics and correlations, before the curves' parameters and activations
         start = time.perf_counter()
         self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
         timings["curves_s"] = time.perf_counter() - start
+        release_freed_memory()  # the curves' activations, before the export builds the merged model
         timings["curve_points"] = len(model.methods) * len(model.lambdas)
         results = {**model.results, "timings": timings}
         self._write_outputs(run_dir, model, permutations, results, export_method, export_lambda, datamodule)

@@ -8,6 +8,7 @@ import torch
 from transformers import BertConfig
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError
+from lightning_merge.merge import stats as stats_module
 from lightning_merge.merge.spec import bert_spec
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics, correlation_from_moments
 
@@ -39,6 +40,21 @@ def test_streaming_and_merge_equal_one_pass():
     for other in (first, streamed):
         for name, value in whole.state_tensors().items():
             torch.testing.assert_close(other.state_tensors()[name], value, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("products", ["float64", "float32"])
+def test_one_update_split_into_blocks_gives_the_same_sums(monkeypatch, products):
+    x_a, x_b = correlated(300, 5)
+    whole = PairStatistics(5, products=products)
+    whole.update(x_a, x_b)
+    monkeypatch.setitem(stats_module.UPDATE_BLOCK_BYTES, "cpu", 8 * 5 * 64)  # blocks of 64 tokens: 5 of them
+    blocked = PairStatistics(5, products=products)
+    assert blocked._block_rows() == 64
+    blocked.update(x_a, x_b)
+    # float32 blocks are shifted by their own means: the same sums up to float32 rounding
+    tolerance = dict(rtol=1e-12, atol=1e-9) if products == "float64" else dict(rtol=1e-5, atol=1e-3)
+    for name, value in whole.state_tensors().items():
+        torch.testing.assert_close(blocked.state_tensors()[name], value, **tolerance)
 
 
 def test_float32_products_stay_close_to_float64_even_under_autocast():

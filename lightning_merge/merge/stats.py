@@ -24,9 +24,12 @@ from lightning_merge.merge.spec import PermutationSpec, check_same_fields
 STAT_FIELDS = ("count", "sum_a", "sum_b", "sq_a", "sq_b", "cross")
 # A feature whose variance is below this fraction of its mean square is constant up to rounding: treat it as dead.
 DEAD_RELATIVE_VARIANCE = 1e-10
-# Rows per float64 block in `update`: bounds the temporary memory whatever the batch size (1024 x 3072 x 8 B =
-# 24 MiB per copy for BERT-base's FF), while each block's cross product is still a large, efficient matmul.
-UPDATE_CHUNK = 1024
+# Bytes of one float64 copy of a block of tokens' features in `update`, by device type: the temporaries (each side's
+# copy, its squares) stay this small whatever the batch size. On CPU a 4 MiB block (256 tokens of a 2048-wide FF
+# layer) updates as fast as a 4x larger one, and its copies add to the pass's peak, reached while model A's features
+# wait for B; on an accelerator every block costs kernel launches, so blocks are large.
+UPDATE_BLOCK_BYTES = {"cpu": 4 * 2**20}
+UPDATE_BLOCK_BYTES_ACCELERATOR = 256 * 2**20
 PRODUCT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
@@ -70,8 +73,13 @@ class PairStatistics:
             raise DataError(f"features of width {x_a.shape[1]}/{x_b.shape[1]}, statistics of {tuple(self.cross.shape)}")
         # the hooks that feed this run inside the forward's autocast, which would turn float32 products into bf16
         with torch.autocast(self.device.type, enabled=False):
-            for start in range(0, x_a.shape[0], UPDATE_CHUNK):
-                self._update_block(x_a[start : start + UPDATE_CHUNK], x_b[start : start + UPDATE_CHUNK])
+            rows = self._block_rows()
+            for start in range(0, x_a.shape[0], rows):
+                self._update_block(x_a[start : start + rows], x_b[start : start + rows])
+
+    def _block_rows(self) -> int:
+        block_bytes = UPDATE_BLOCK_BYTES.get(self.device.type, UPDATE_BLOCK_BYTES_ACCELERATOR)
+        return max(1, block_bytes // (8 * max(self.cross.shape)))
 
     def _update_block(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
         a = x_a.to(self.device, self.product_dtype)

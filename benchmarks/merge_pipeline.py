@@ -3,8 +3,11 @@
 For each preset (random-init models, or two given HF checkpoints) one fresh subprocess runs the real merge pipeline
 (`MergeTrainer.merge` on an `InterpolationModule`) over synthetic token blocks, so peak memory is that preset's alone.
 Reported per preset: seconds per phase, feature tokens/s (both models), the cost of one (method, λ) curve point
-against one plain forward pass over the same evaluation data, peak memory (RSS on CPU, max allocated on GPU) against
-the two models' parameter memory, and the float64 statistics' bytes.
+against one plain forward pass over the same evaluation data, and peak memory (RSS over the process's before the
+models load, sampled every 5 ms on CPU; max allocated on GPU) overall and per phase (statistics, matching, curves),
+against the two models' parameter memory and the float64 statistics' bytes. The random-init checkpoints are written
+by the parent process, so building them is not in the measured process's memory. The measured process inherits
+``GLIBC_TUNABLES`` (recorded in each row), which decides how much freed memory glibc keeps resident (README).
 
 Usage::
 
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -79,10 +84,69 @@ class SyntheticBlocks(pl.LightningDataModule):
     test_dataloader = val_dataloader
 
 
-def _peak_memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+STATM = Path("/proc/self/statm")
+
+
+def _resident_bytes() -> int:
+    """The process's resident memory now (Linux); elsewhere its peak so far."""
+    if STATM.exists():
+        return int(STATM.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux, bytes on macOS: rough
+
+
+class PhaseMemory(pl.Callback):
+    """Peak memory of each phase of the merge: RSS sampled every few ms on CPU, max allocated on a GPU.
+
+    The phases follow the merge's loops: models and data loading, the statistics pass (validation), matching (at
+    validation end; Lightning calls this callback's hook before the MergeCallback's), the curves (test), and the
+    benchmark's own forward pass after the merge. The process's overall peak says how much memory a merge needs;
+    the phase that sets it says where to look.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.phase = "loading"
+        self.peaks: dict[str, int] = {}
+        self._stop = threading.Event()
+        if device.type != "cuda" and STATM.exists():
+            threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self._record()
+
+    def _record(self) -> None:
+        if self.device.type == "cuda":
+            current = torch.cuda.max_memory_allocated(self.device)
+        elif STATM.exists():
+            current = _resident_bytes()
+        else:
+            return
+        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), current)
+
+    def mark(self, phase: str) -> None:
+        """End the current phase (its peak so far is kept) and start ``phase``."""
+        self._record()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.phase = phase
+
+    def stop(self) -> dict[str, int]:
+        self.mark("stopped")
+        self._stop.set()
+        return {phase: peak for phase, peak in self.peaks.items() if phase != "stopped"}
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mark("statistics")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mark("matching")
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mark("curves")
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.mark("after_merge")
 
 
 def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision: str) -> float:
@@ -105,47 +169,55 @@ def _statistics_bytes(module: InterpolationModule, methods: list[str]) -> int:
     return sum(8 * (d * d + 4 * d + 1) for d in widths.values())
 
 
-def _models(args: argparse.Namespace, root: Path) -> tuple[str, str, int]:
-    if args.model_a and args.model_b:
-        return args.model_a, args.model_b, BertForMaskedLM.from_pretrained(args.model_a).config.vocab_size
+def _random_models(preset: str, vocab: int, root: Path) -> tuple[str, str]:
+    """Two random-init checkpoints of ``preset`` (seeds 0 and 1), written by the parent process so that building
+    them is not part of the measured process's memory."""
     for seed, name in ((0, "a"), (1, "b")):
         torch.manual_seed(seed)
-        BertForMaskedLM(build_config(args.preset, vocab_size=args.vocab)).save_pretrained(root / name)
-    return str(root / "a"), str(root / "b"), args.vocab
+        BertForMaskedLM(build_config(preset, vocab_size=vocab)).save_pretrained(root / name)
+    return str(root / "a"), str(root / "b")
+
+
+MERGE_PHASES = ("loading", "statistics", "matching", "curves")
 
 
 def run_one(args: argparse.Namespace) -> dict:
-    """Benchmark one preset in this process; returns its row."""
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # interpreter + libraries, before models
+    """Benchmark one pair of checkpoints in this process; returns its row."""
+    resident_before = _resident_bytes()  # interpreter and libraries, before the trainer and the models
     with tempfile.TemporaryDirectory() as tmp:
-        model_a, model_b, vocab = _models(args, Path(tmp))
-        data = SyntheticBlocks(vocab, args.feature_tokens, args.eval_tokens, args.batch_size)
-        lambdas = [i / (args.lambdas - 1) for i in range(args.lambdas)]
-        module = InterpolationModule(model_a, model_b, lambdas=lambdas)
         trainer = MergeTrainer(accelerator=args.accelerator, devices=1, precision=args.precision, logger=False,
                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                               default_root_dir=str(Path(tmp) / "run"))
+                               default_root_dir=tmp)
+        device = trainer.strategy.root_device
+        memory = PhaseMemory(device)
+        trainer.callbacks.append(memory)  # before the MergeCallback, which `merge` appends
+        vocab = BertForMaskedLM.config_class.from_pretrained(args.model_a).vocab_size
+        data = SyntheticBlocks(vocab, args.feature_tokens, args.eval_tokens, args.batch_size)
+        lambdas = [i / (args.lambdas - 1) for i in range(args.lambdas)]
         start = time.perf_counter()
+        module = InterpolationModule(args.model_a, args.model_b, lambdas=lambdas)
         results = trainer.merge(
             module, data, methods=args.methods, export_method=None, statistics_dtype=args.statistics_dtype,
             statistics_batch_size=args.statistics_batch_size,
         )
         total = time.perf_counter() - start
-        module.to(trainer.strategy.root_device)
-        apply_start = time.perf_counter()
-        module.endpoint_b(args.methods[-1])
-        apply_s = time.perf_counter() - apply_start
-        forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
-        device = trainer.strategy.root_device
-        params = sum(p.numel() * p.element_size() for p in module.model_a.parameters())
-        statistics_bytes = _statistics_bytes(module, args.methods)
+    module.to(device)
+    apply_start = time.perf_counter()
+    module.endpoint_b(args.methods[-1])
+    apply_s = time.perf_counter() - apply_start
+    forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
+    baseline = 0 if device.type == "cuda" else resident_before
+    peaks = {phase: (peak - baseline) / 2**20 for phase, peak in memory.stop().items() if phase in MERGE_PHASES}
+    params = sum(p.numel() * p.element_size() for p in module.model_a.parameters())
+    statistics_bytes = _statistics_bytes(module, args.methods)
     t = results["timings"]
     return {
-        "preset": args.preset if not args.model_a else Path(args.model_a).name,
+        "preset": args.preset,
         "device": str(device),
         "precision": args.precision,
         "statistics_dtype": args.statistics_dtype,
         "statistics_batch_size": args.statistics_batch_size or args.batch_size,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # the C allocator's settings (see the README)
         "feature_tokens": t.get("statistics_tokens", 0),
         "eval_tokens": data.evaluation["input_ids"].numel(),
         "statistics_s": t.get("statistics_s", 0.0),
@@ -162,8 +234,10 @@ def run_one(args: argparse.Namespace) -> dict:
         "statistics_mib": statistics_bytes / 2**20,
         # the issue's target: about 3x the two models' parameters plus the statistics
         "memory_target_mib": (3 * 2 * params + statistics_bytes) / 2**20,
-        "peak_mib": _peak_memory_bytes(device) / 2**20,
-        "peak_over_baseline_mib": (_peak_memory_bytes(device) - (0 if device.type == "cuda" else baseline)) / 2**20,
+        **{f"{phase}_peak_mib": peaks.get(phase, float("nan")) for phase in MERGE_PHASES},
+        # the merge's peak: RSS over the process's before loading the models (CPU), max allocated (GPU)
+        "peak_mib": (max(peaks.values(), default=float("nan")) * 2**20 + baseline) / 2**20,
+        "peak_over_baseline_mib": max(peaks.values(), default=float("nan")),
     }
 
 
@@ -173,6 +247,7 @@ COLUMNS = (
     ("feature_tokens_per_s", "{:.0f}"), ("matching_s", "{:.2f}"), ("apply_s", "{:.3f}"), ("curves_s", "{:.2f}"),
     ("per_point_s", "{:.3f}"), ("forward_s", "{:.3f}"), ("per_point_over_forward", "{:.2f}"), ("total_s", "{:.1f}"),
     ("two_models_param_mib", "{:.0f}"), ("statistics_mib", "{:.0f}"), ("memory_target_mib", "{:.0f}"),
+    *((f"{phase}_peak_mib", "{:.0f}") for phase in ("statistics", "matching", "curves")),
     ("peak_mib", "{:.0f}"), ("peak_over_baseline_mib", "{:.0f}"),
 )
 
@@ -204,21 +279,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _run_subprocess(argv: list[str] | None, preset: str, model_a: str, model_b: str) -> dict:
+    """One preset in a fresh process, so that its peak memory is its own."""
+    argv_one = list(argv if argv is not None else sys.argv[1:])
+    command = [sys.executable, __file__, *argv_one, "--preset", preset, "--model-a", model_a, "--model-b", model_b]
+    result = subprocess.run(command, capture_output=True, text=True)
+    row_lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
+    if result.returncode != 0 or not row_lines:
+        sys.exit(f"benchmark of {preset} failed:\n{result.stderr[-3000:]}")
+    return json.loads(row_lines[-1][4:])
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.preset:
         print("ROW " + json.dumps(run_one(args)), flush=True)
         return
     rows = []
-    presets = [args.model_a] if args.model_a else args.presets
+    presets = [Path(args.model_a).name] if args.model_a else args.presets
     for preset in presets:
-        argv_one = [a for a in (argv if argv is not None else sys.argv[1:])]
-        command = [sys.executable, __file__, *argv_one, "--preset", str(preset)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        row_lines = [line for line in result.stdout.splitlines() if line.startswith("ROW ")]
-        if result.returncode != 0 or not row_lines:
-            sys.exit(f"benchmark of {preset} failed:\n{result.stderr[-3000:]}")
-        rows.append(json.loads(row_lines[-1][4:]))
+        with tempfile.TemporaryDirectory() as tmp:
+            models = (args.model_a, args.model_b) if args.model_a else _random_models(preset, args.vocab, Path(tmp))
+            rows.append(_run_subprocess(argv, preset, *models))
         print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
     info = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     atomic_write_text(args.output, json.dumps({"info": info, "args": vars(args) | {"output": str(args.output)},

@@ -1,0 +1,37 @@
+"""benchmarks/merge_pipeline.py runs the real merge on random checkpoints and reports every phase (smoke test)."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "merge_pipeline.py"
+
+
+@pytest.fixture(scope="module")
+def merge_pipeline():
+    spec = importlib.util.spec_from_file_location("merge_pipeline", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_preset_reports_time_and_memory_of_every_phase(merge_pipeline, tmp_path) -> None:
+    model_a, model_b = merge_pipeline._random_models("tiny", 64, tmp_path)
+    args = merge_pipeline.parse_args(
+        ["--feature-tokens", "512", "--eval-tokens", "256", "--batch-size", "2", "--lambdas", "3",
+         "--statistics-batch-size", "1", "--vocab", "64", "--accelerator", "cpu",
+         "--preset", "tiny", "--model-a", model_a, "--model-b", model_b]
+    )
+    row = merge_pipeline.run_one(args)
+    assert row["feature_tokens"] == 512 and row["eval_tokens"] == 256 and row["statistics_batch_size"] == 1
+    assert row["curve_points"] == 2 * 3  # vanilla and ff+attn+res, three λ each
+    assert all(row[key] > 0 for key in ("statistics_s", "matching_s", "curves_s", "forward_s"))
+    phases = [row[f"{phase}_peak_mib"] for phase in ("statistics", "matching", "curves")]
+    assert all(not math.isnan(peak) for peak in phases)
+    assert row["peak_over_baseline_mib"] == max(row[f"{p}_peak_mib"] for p in merge_pipeline.MERGE_PHASES)
+    assert row["memory_target_mib"] == pytest.approx(3 * row["two_models_param_mib"] + row["statistics_mib"])
+    assert merge_pipeline.table([row]).count("\n") == 2  # header, rule, one row

@@ -13,7 +13,7 @@ Usage::
 
     python benchmarks/merge_pipeline.py                         # tiny, mini, small on this machine's device
     python benchmarks/merge_pipeline.py --presets base --feature-tokens 1048576 --eval-tokens 1048576 \\
-        --precision bf16-mixed --batch-size 256                 # the GPU target (BERT-base, 1 M + 1 M tokens)
+        --precision bf16-mixed --batch-size 256 --statistics-batch-size 64   # the GPU target (BERT-base, 1 M + 1 M)
 """
 
 from __future__ import annotations

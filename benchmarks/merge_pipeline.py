@@ -108,7 +108,11 @@ class PhaseMemory(pl.Callback):
         self.phase = "loading"
         self.peaks: dict[str, int] = {}
         self._stop = threading.Event()
-        if device.type != "cuda" and STATM.exists():
+        self._measure = None  # off Linux a CPU run has no current RSS to sample: no phase peaks
+        if device.type == "cuda":
+            self._measure = lambda: torch.cuda.max_memory_allocated(device)
+        elif STATM.exists():
+            self._measure = _resident_bytes
             threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
@@ -116,13 +120,8 @@ class PhaseMemory(pl.Callback):
             self._record()
 
     def _record(self) -> None:
-        if self.device.type == "cuda":
-            current = torch.cuda.max_memory_allocated(self.device)
-        elif STATM.exists():
-            current = _resident_bytes()
-        else:
-            return
-        self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), current)
+        if self._measure is not None:
+            self.peaks[self.phase] = max(self.peaks.get(self.phase, 0), self._measure())
 
     def mark(self, phase: str) -> None:
         """End the current phase (its peak so far is kept) and start ``phase``."""
@@ -207,7 +206,8 @@ def run_one(args: argparse.Namespace) -> dict:
     apply_s = time.perf_counter() - apply_start
     forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
     baseline = 0 if device.type == "cuda" else resident_before
-    peaks = {phase: (peak - baseline) / 2**20 for phase, peak in memory.stop().items() if phase in MERGE_PHASES}
+    peaks = {phase: peak for phase, peak in memory.stop().items() if phase in MERGE_PHASES}
+    peak = max(peaks.values(), default=float("nan"))
     params = sum(p.numel() * p.element_size() for p in module.model_a.parameters())
     statistics_bytes = _statistics_bytes(module, args.methods)
     t = results["timings"]
@@ -234,10 +234,10 @@ def run_one(args: argparse.Namespace) -> dict:
         "statistics_mib": statistics_bytes / 2**20,
         # the issue's target: about 3x the two models' parameters plus the statistics
         "memory_target_mib": (3 * 2 * params + statistics_bytes) / 2**20,
-        **{f"{phase}_peak_mib": peaks.get(phase, float("nan")) for phase in MERGE_PHASES},
-        # the merge's peak: RSS over the process's before loading the models (CPU), max allocated (GPU)
-        "peak_mib": (max(peaks.values(), default=float("nan")) * 2**20 + baseline) / 2**20,
-        "peak_over_baseline_mib": max(peaks.values(), default=float("nan")),
+        **{f"{phase}_peak_mib": (peaks.get(phase, float("nan")) - baseline) / 2**20 for phase in MERGE_PHASES},
+        # the merge's peak: RSS, and RSS over the process's before loading the models (CPU); max allocated (GPU)
+        "peak_mib": peak / 2**20,
+        "peak_over_baseline_mib": (peak - baseline) / 2**20,
     }
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -31,6 +33,26 @@ def test_freed_tensors_between_live_ones_leave_the_resident_set() -> None:
     after = resident_mib()
     assert before - after >= 32, f"resident {before:.0f} -> {after:.0f} MiB after freeing 64 MiB between live tensors"
     assert all(t.sum() == 2**19 for t in kept)  # the live tensors are untouched
+
+
+class _Cycle:
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+        self.me = self  # like a recorder whose callback is its own bound method
+
+
+def test_tensors_held_only_by_a_reference_cycle_are_freed() -> None:
+    gc.disable()  # the automatic collector must not get there first
+    try:
+        tensor = torch.ones(2**20)
+        freed = weakref.ref(tensor)
+        cycle = _Cycle(tensor)
+        del tensor, cycle
+        assert freed() is not None  # unreachable, but reference counting alone never frees a cycle
+        release_freed_memory()
+        assert freed() is None
+    finally:
+        gc.enable()
 
 
 def test_release_is_harmless_without_glibc(monkeypatch) -> None:

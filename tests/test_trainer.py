@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, OutputExistsError, UnknownNameError
 from lightning_merge.merge.permute import apply_permutations, invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
+from lightning_merge.merge.stats import PairStatistics
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.trainer import MergeTrainer
 
@@ -159,6 +161,31 @@ def test_statistics_batch_size_changes_the_batches_not_the_result(tmp_path, perm
     with pytest.raises(ConfigError, match="statistics_batch_size=0 must be at least 1"):
         merge(tmp_path / "zero", model_a, model_b, methods, export_method=None, statistics_batch_size=0)
     assert not (tmp_path / "zero").exists()
+
+
+class LiveStatisticsAtCurves(pl.Callback):
+    def __init__(self) -> None:
+        self.count = -1
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.count = sum(isinstance(o, PairStatistics) for o in gc.get_objects())  # uncollected cycles included
+
+
+def test_no_statistics_survive_into_the_curves(tmp_path, permuted_pair) -> None:
+    # the statistics pass's hook closures and recorders form reference cycles; with the automatic collector off,
+    # only the merge's own collection between phases frees them before the curves allocate
+    model_a, model_b, _ = permuted_pair
+    live = LiveStatisticsAtCurves()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), callbacks=[live],
+                           **quiet)
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 1])
+    gc.disable()
+    try:
+        trainer.merge(module, RandomTokens(), methods=["ff+attn+res"], export_method=None)
+    finally:
+        gc.enable()
+    assert live.count == 0
 
 
 class NoMaskFeatures(RandomTokens):

@@ -10,6 +10,10 @@ Usage::
 
     python benchmarks/statistics_precision.py                      # the quickstart study's seeds 0 and 1
     python benchmarks/statistics_precision.py --model-a A/hf --model-b B/hf --blocks 8192 --device cuda
+    python benchmarks/statistics_precision.py --device cuda --matmul-precision high   # float32 products in TF32
+
+``--save-blocks F`` also writes the corpus blocks it used (safetensors); ``--blocks-file F`` reads them back instead
+of the corpus, so the comparison runs where neither the corpus nor ``datasets`` is (``benchmarks/gpu.sh``).
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 from transformers import BertForMaskedLM
 
-from lightning_merge.data.mlm import MLMDataModule
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.features import FeatureRecorder
 from lightning_merge.merge.methods import get_method
@@ -94,18 +99,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--block-size", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                        help="torch's float32 matmul precision; high: TF32 on GPUs that have it")
+    parser.add_argument("--blocks-file", type=Path, help="token blocks saved by --save-blocks, instead of the corpus")
+    parser.add_argument("--save-blocks", type=Path, help="write the corpus blocks used here (safetensors)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     return parser.parse_args(argv)
+
+
+def token_blocks(args: argparse.Namespace) -> dict[str, torch.Tensor]:
+    """The unmasked blocks to run: ``--blocks-file``, or ``--blocks`` blocks of the offline corpus, evenly spread."""
+    if args.blocks_file is not None:
+        return load_file(args.blocks_file)
+    from lightning_merge.data.mlm import MLMDataModule  # needs `datasets` and the corpus; a blocks file needs neither
+
+    data = MLMDataModule(tokenizer=args.model_a, block_size=args.block_size, batch_size=args.batch_size)
+    data.setup("validate")
+    batches = list(data.features_dataloader("train", args.blocks))
+    blocks = {key: torch.cat([batch[key] for batch in batches]).contiguous() for key in batches[0]}
+    if args.save_blocks is not None:
+        args.save_blocks.parent.mkdir(parents=True, exist_ok=True)
+        save_file(blocks, str(args.save_blocks))
+    return blocks
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
+    torch.set_float32_matmul_precision(args.matmul_precision)
     model_a, model_b = (BertForMaskedLM.from_pretrained(p).to(device).eval() for p in (args.model_a, args.model_b))
     spec = spec_for_pair(model_a, model_b)
-    data = MLMDataModule(tokenizer=args.model_a, block_size=args.block_size, batch_size=args.batch_size)
-    data.setup("validate")
-    recorded = features(model_a, model_b, data.features_dataloader("train", args.blocks), device)
+    blocks = token_blocks(args)
+    rows_of_blocks = [dict(zip(blocks, values)) for values in zip(*blocks.values())]
+    recorded = features(model_a, model_b, DataLoader(rows_of_blocks, batch_size=args.batch_size), device)
     tokens = sum(next(iter(batch.values()))[0].shape[0] for batch in recorded)
     timings, statistics = {}, {}
     for name in PRODUCT_DTYPES:
@@ -113,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = compare(spec, statistics["float64"], statistics["float32"])
     result = {
         "info": {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
-        "args": vars(args) | {"output": str(args.output)},
+        "args": {name: str(v) if isinstance(v, Path) else v for name, v in vars(args).items()},
         "tokens": tokens,
         "update_seconds": timings,
         "rows": rows,

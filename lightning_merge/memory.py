@@ -6,10 +6,10 @@ curves) frees hundreds of MiB of tensors whose sizes the next phase rarely reuse
 memory of the next phase starts from the previous one's high-water mark. ``malloc_trim(0)`` returns every free page.
 It is called once per phase, not per batch: a trim costs the page faults of touching that memory again.
 
-Tensors held by reference cycles (forward-hook closures, recorders whose callbacks are bound methods of their
-owner: the statistics pass has both) are freed only when Python's cyclic collector runs, and it runs by counts of
-Python objects, not bytes: 154 MiB of statistics of a 4-layer model stayed alive through the whole curves phase.
-So a release collects that garbage first.
+Tensors held by reference cycles are freed only when Python's cyclic collector runs, and it runs by counts of
+Python objects, not bytes: a recorder whose callbacks were bound methods of its owner once kept the 154 MiB of
+statistics of a 4-layer model alive through the whole curves phase. So a release collects that garbage first; a full
+collection costs about 0.3 s with Lightning and transformers loaded (2 slow cores), three times per merge.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from transformers import BertConfig, BertForMaskedLM
@@ -143,6 +146,30 @@ def test_pair_recorder_rejects_b_first_and_incomplete_batches(model):
         with pytest.raises(RuntimeError, match="no activation of model B recorded at bert.encoder.layer.0"):
             recorder.end_batch()
     assert not any(m._forward_hooks for m in (*model.modules(), *model_b.modules()))
+
+
+@torch.no_grad()
+def test_a_removed_pair_recorder_frees_its_statistics_without_the_cyclic_collector(model):
+    from lightning_merge.merge.features import PairStatisticsRecorder
+    from lightning_merge.merge.stats import MergeStatistics
+
+    model_b, spec = _other_model(), spec_for_model(model)
+    gc.disable()
+    try:
+        statistics = MergeStatistics(spec, ["ff.0"])
+        alive = weakref.ref(statistics)
+        recorder = PairStatisticsRecorder(model, model_b, statistics)
+        for _ in range(2):  # registering again after a removal records again
+            with recorder:
+                recorder.begin_batch(inputs()["attention_mask"])
+                model(**inputs())
+                model_b(**inputs())
+                recorder.end_batch()
+        assert statistics.token_count == 2 * 9
+        del statistics, recorder
+        assert alive() is None  # no reference cycle left: freed by reference counting alone
+    finally:
+        gc.enable()
 
 
 def test_kept_tokens_is_a_view_when_nothing_is_dropped():

@@ -151,12 +151,9 @@ class PairStatisticsRecorder:
 
     def __init__(self, model_a: torch.nn.Module, model_b: torch.nn.Module, statistics: MergeStatistics) -> None:
         self.statistics = statistics
-        spec, groups = statistics.spec, statistics.groups
-        self._recorders = (
-            FeatureRecorder(model_a, spec, groups, on_capture=self._capture_a),
-            FeatureRecorder(model_b, spec, groups, on_capture=self._capture_b),
-        )
-        self._keys = {point.key for point in self._recorders[0].points()}
+        self._models = (model_a, model_b)
+        self._recorders: tuple[FeatureRecorder, ...] = ()  # made by `register`, dropped by `remove`
+        self._keys = {point.key for group in statistics.groups for point in statistics.spec.points[group]}
         self._keep: torch.Tensor | None = None
         self._in_batch = False
         self._waiting: dict[str, torch.Tensor] = {}
@@ -170,12 +167,21 @@ class PairStatisticsRecorder:
         self.remove()
 
     def register(self) -> None:
+        if not self._recorders:
+            spec, groups = self.statistics.spec, self.statistics.groups
+            self._recorders = tuple(
+                FeatureRecorder(model, spec, groups, on_capture=capture)
+                for model, capture in zip(self._models, (self._capture_a, self._capture_b))
+            )
         for recorder in self._recorders:
             recorder.register()
 
     def remove(self) -> None:
         for recorder in self._recorders:
             recorder.remove()
+        # they hold this recorder's bound methods: kept, that cycle would keep the statistics alive until Python's
+        # cyclic collector happens to run
+        self._recorders = ()
         self._waiting.clear()
 
     def begin_batch(self, attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor | None = None) -> None:

@@ -168,7 +168,7 @@ class LiveStatisticsAtCurves(pl.Callback):
         self.count = -1
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self.count = sum(isinstance(o, PairStatistics) for o in gc.get_objects())  # uncollected cycles included
+        self.count = sum(type(o) is PairStatistics for o in gc.get_objects())  # uncollected cycles included
 
 
 def test_no_statistics_survive_into_the_curves(tmp_path, permuted_pair) -> None:

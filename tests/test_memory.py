@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 import weakref
@@ -41,18 +40,14 @@ class _Cycle:
         self.me = self  # like a recorder whose callback is its own bound method
 
 
-def test_tensors_held_only_by_a_reference_cycle_are_freed() -> None:
-    gc.disable()  # the automatic collector must not get there first
-    try:
-        tensor = torch.ones(2**20)
-        freed = weakref.ref(tensor)
-        cycle = _Cycle(tensor)
-        del tensor, cycle
-        assert freed() is not None  # unreachable, but reference counting alone never frees a cycle
-        release_freed_memory()
-        assert freed() is None
-    finally:
-        gc.enable()
+def test_tensors_held_only_by_a_reference_cycle_are_freed(no_automatic_gc) -> None:
+    tensor = torch.ones(2**20)
+    freed = weakref.ref(tensor)
+    cycle = _Cycle(tensor)
+    del tensor, cycle
+    assert freed() is not None  # unreachable, but reference counting alone never frees a cycle
+    release_freed_memory()
+    assert freed() is None
 
 
 def test_release_is_harmless_without_glibc(monkeypatch) -> None:

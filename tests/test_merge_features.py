@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import weakref
 
 import pytest
@@ -149,27 +148,36 @@ def test_pair_recorder_rejects_b_first_and_incomplete_batches(model):
 
 
 @torch.no_grad()
-def test_a_removed_pair_recorder_frees_its_statistics_without_the_cyclic_collector(model):
+def test_a_removed_pair_recorder_frees_its_statistics_without_the_cyclic_collector(model, no_automatic_gc):
     from lightning_merge.merge.features import PairStatisticsRecorder
     from lightning_merge.merge.stats import MergeStatistics
 
     model_b, spec = _other_model(), spec_for_model(model)
-    gc.disable()
-    try:
-        statistics = MergeStatistics(spec, ["ff.0"])
-        alive = weakref.ref(statistics)
-        recorder = PairStatisticsRecorder(model, model_b, statistics)
-        for _ in range(2):  # registering again after a removal records again
-            with recorder:
-                recorder.begin_batch(inputs()["attention_mask"])
-                model(**inputs())
-                model_b(**inputs())
-                recorder.end_batch()
-        assert statistics.token_count == 2 * 9
-        del statistics, recorder
-        assert alive() is None  # no reference cycle left: freed by reference counting alone
-    finally:
-        gc.enable()
+    statistics = MergeStatistics(spec, ["ff.0"])
+    alive = weakref.ref(statistics)
+    recorder = PairStatisticsRecorder(model, model_b, statistics)
+    for _ in range(2):  # registering again after a removal records again
+        with recorder:
+            recorder.begin_batch(inputs()["attention_mask"])
+            model(**inputs())
+            model_b(**inputs())
+            recorder.end_batch()
+    assert statistics.token_count == 2 * 9
+    del statistics, recorder
+    assert alive() is None  # no reference cycle left: freed by reference counting alone
+
+
+@torch.no_grad()
+def test_a_pair_recorder_that_fails_to_register_leaves_no_hooks(model):
+    from lightning_merge.merge.features import PairStatisticsRecorder
+    from lightning_merge.merge.stats import MergeStatistics
+
+    spec = spec_for_model(model)
+    not_bert = torch.nn.Linear(2, 2)  # model B lacks every feature module: its hooks fail after A's are in place
+    with pytest.raises(ArchitectureMismatch, match="has no module"):
+        with PairStatisticsRecorder(model, not_bert, MergeStatistics(spec, ["ff.0"])):
+            pass
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 def test_kept_tokens_is_a_view_when_nothing_is_dropped():

@@ -171,20 +171,16 @@ class LiveStatisticsAtCurves(pl.Callback):
         self.count = sum(type(o) is PairStatistics for o in gc.get_objects())  # uncollected cycles included
 
 
-def test_no_statistics_survive_into_the_curves(tmp_path, permuted_pair) -> None:
-    # the statistics pass's hook closures and recorders form reference cycles; with the automatic collector off,
-    # only the merge's own collection between phases frees them before the curves allocate
+def test_no_statistics_survive_into_the_curves(tmp_path, permuted_pair, no_automatic_gc) -> None:
+    # with the automatic collector off, a reference cycle that holds the statistics (the pass's recorders once formed
+    # one) would keep them through the curves unless the merge's collection between phases frees them
     model_a, model_b, _ = permuted_pair
     live = LiveStatisticsAtCurves()
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), callbacks=[live],
                            **quiet)
     module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 1])
-    gc.disable()
-    try:
-        trainer.merge(module, RandomTokens(), methods=["ff+attn+res"], export_method=None)
-    finally:
-        gc.enable()
+    trainer.merge(module, RandomTokens(), methods=["ff+attn+res"], export_method=None)
     assert live.count == 0
 
 

@@ -173,8 +173,12 @@ class PairStatisticsRecorder:
                 FeatureRecorder(model, spec, groups, on_capture=capture)
                 for model, capture in zip(self._models, (self._capture_a, self._capture_b))
             )
-        for recorder in self._recorders:
-            recorder.register()
+        try:
+            for recorder in self._recorders:
+                recorder.register()
+        except BaseException:
+            self.remove()  # a failure on B would leave A's hooks: `with` never reaches `__exit__`
+            raise
 
     def remove(self) -> None:
         for recorder in self._recorders:

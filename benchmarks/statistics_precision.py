@@ -104,13 +104,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--blocks-file", type=Path, help="token blocks saved by --save-blocks, instead of the corpus")
     parser.add_argument("--save-blocks", type=Path, help="write the corpus blocks used here (safetensors)")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.blocks_file is not None and args.save_blocks is not None:
+        parser.error("--save-blocks writes the corpus blocks; with --blocks-file there are none to write")
+    return args
 
 
 def token_blocks(args: argparse.Namespace) -> dict[str, torch.Tensor]:
     """The unmasked blocks to run: ``--blocks-file``, or ``--blocks`` blocks of the offline corpus, evenly spread."""
     if args.blocks_file is not None:
-        return load_file(args.blocks_file)
+        blocks = load_file(args.blocks_file)
+        args.blocks, args.block_size = blocks["input_ids"].shape  # what ran, in the results' args
+        return blocks
     from lightning_merge.data.mlm import MLMDataModule  # needs `datasets` and the corpus; a blocks file needs neither
 
     data = MLMDataModule(tokenizer=args.model_a, block_size=args.block_size, batch_size=args.batch_size)

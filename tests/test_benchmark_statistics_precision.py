@@ -38,4 +38,5 @@ def test_saved_blocks_feed_the_comparison_of_float32_with_float64(tmp_path) -> N
         assert row["max_abs_correlation_error"] < 1e-5
         if row["kind"] != "attn":  # one assignment per group: the float64 one is optimal under float64 correlations
             assert row["matched_correlation_float32_perm"] <= row["matched_correlation_float64_perm"] + 1e-9
+    assert (result["args"]["blocks"], result["args"]["block_size"]) == (24, 8)  # the file's, not the defaults
     assert (tmp_path / "out.json").exists()

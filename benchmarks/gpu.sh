@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue 7's GPU measurements in one run: the BERT-base merge target (1 M feature tokens, full method and vanilla,
-# an 11-point curve on 1 M evaluation tokens, bf16 autocast) with float64 and with float32 statistics, then the
-# correlation error and matching agreement of float32 products against float64 on the GPU, without and with TF32.
+# Issue 7's GPU measurements in one run: the BERT-base merge target (its 30522-word vocabulary; 1 M feature tokens,
+# full method and vanilla, an 11-point curve on 1 M evaluation tokens, bf16 autocast) with float64 and with float32
+# statistics, then the correlation error and matching agreement of float32 products against float64 on the GPU,
+# without and with TF32.
 #
 # Made for a lent machine with torch, Lightning and transformers but no internet and no `datasets`: the package is
 # imported from the checkout, and the precision study reads token blocks saved beforehand, here, by
@@ -24,7 +25,7 @@ main() {
     python3 -c "import torch, transformers, pytorch_lightning as pl; print('torch', torch.__version__,
         'transformers', transformers.__version__, 'lightning', pl.__version__)" || failed=1
 
-    local base=(--presets base --feature-tokens 1048576 --eval-tokens 1048576 --precision bf16-mixed
+    local base=(--presets base --vocab 30522 --feature-tokens 1048576 --eval-tokens 1048576 --precision bf16-mixed
                 --batch-size 256 --statistics-batch-size 64)
     python3 benchmarks/merge_pipeline.py "${base[@]}" --output "$out/merge_pipeline_base.json" || failed=1
     python3 benchmarks/merge_pipeline.py "${base[@]}" --statistics-dtype float32 \

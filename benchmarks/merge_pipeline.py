@@ -12,7 +12,7 @@ by the parent process, so building them is not in the measured process's memory.
 Usage::
 
     python benchmarks/merge_pipeline.py                         # tiny, mini, small on this machine's device
-    python benchmarks/merge_pipeline.py --presets base --feature-tokens 1048576 --eval-tokens 1048576 \\
+    python benchmarks/merge_pipeline.py --presets base --vocab 30522 --feature-tokens 1048576 --eval-tokens 1048576 \\
         --precision bf16-mixed --batch-size 256 --statistics-batch-size 64   # the GPU target (BERT-base, 1 M + 1 M)
 """
 

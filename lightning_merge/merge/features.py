@@ -153,7 +153,7 @@ class PairStatisticsRecorder:
         self.statistics = statistics
         self._models = (model_a, model_b)
         self._recorders: tuple[FeatureRecorder, ...] = ()  # made by `register`, dropped by `remove`
-        self._keys = {point.key for group in statistics.groups for point in statistics.spec.points[group]}
+        self._keys = set(statistics.points)  # the points of its groups, by key
         self._keep: torch.Tensor | None = None
         self._in_batch = False
         self._waiting: dict[str, torch.Tensor] = {}

@@ -32,9 +32,10 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from transformers import BertForMaskedLM
 
+from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.methods import get_method
 from lightning_merge.models import build_config
@@ -43,17 +44,6 @@ from lightning_merge.trainer import MergeTrainer
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "merge_pipeline.json"
 BLOCK = 128
-
-
-class Blocks(Dataset):
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors["input_ids"])
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {k: v[index] for k, v in self.tensors.items()}
 
 
 class SyntheticBlocks(pl.LightningDataModule):
@@ -75,11 +65,11 @@ class SyntheticBlocks(pl.LightningDataModule):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
 
     def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
-        return DataLoader(Blocks(self.features), batch_size=self.batch_size)
+        return DataLoader(TensorDictDataset(self.features), batch_size=self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         """The curve data: blocks with fixed masks (what `MergeTrainer.merge` evaluates along λ)."""
-        return DataLoader(Blocks(self.evaluation), batch_size=self.batch_size)
+        return DataLoader(TensorDictDataset(self.evaluation), batch_size=self.batch_size)
 
     test_dataloader = val_dataloader
 

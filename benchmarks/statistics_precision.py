@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import BertForMaskedLM
 
+from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.features import FeatureRecorder
 from lightning_merge.merge.methods import get_method
@@ -135,8 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_a, model_b = (BertForMaskedLM.from_pretrained(p).to(device).eval() for p in (args.model_a, args.model_b))
     spec = spec_for_pair(model_a, model_b)
     blocks = token_blocks(args)
-    rows_of_blocks = [dict(zip(blocks, values)) for values in zip(*blocks.values())]
-    recorded = features(model_a, model_b, DataLoader(rows_of_blocks, batch_size=args.batch_size), device)
+    recorded = features(model_a, model_b, DataLoader(TensorDictDataset(blocks), batch_size=args.batch_size), device)
     tokens = sum(next(iter(batch.values()))[0].shape[0] for batch in recorded)
     timings, statistics = {}, {}
     for name in PRODUCT_DTYPES:

@@ -33,6 +33,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from lightning_merge.data.offline import cache_dir as default_cache_dir
 from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
+from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer
 from lightning_merge.errors import ConfigError, DataError
 from lightning_merge.io import atomic_file
@@ -42,19 +43,6 @@ BLOCKS_VERSION = 1
 # Fixed masks are drawn over chunks of this many blocks: a constant, so masks never depend on batch_size.
 _MASK_CHUNK = 1024
 _MAP_BATCH = 1000
-
-
-class TensorDictDataset(Dataset):
-    """Rows of equally long tensors, returned as dicts (the default collate stacks them into a batch dict)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
-        self.tensors = tensors
-
-    def __len__(self) -> int:
-        return len(next(iter(self.tensors.values())))
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {name: tensor[index] for name, tensor in self.tensors.items()}
 
 
 def _texts(dataset: datasets.Dataset):

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "merge_pipeline.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def merge_pipeline():
-    spec = importlib.util.spec_from_file_location("merge_pipeline", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("merge_pipeline")
 
 
 def test_one_preset_reports_time_and_memory_of_every_phase(merge_pipeline, tmp_path) -> None:

@@ -2,21 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
+from conftest import load_benchmark
 from safetensors.torch import save_file
 from transformers import BertConfig, BertForMaskedLM
-
-SCRIPT = Path(__file__).parents[1] / "benchmarks" / "statistics_precision.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("statistics_precision", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_saved_blocks_feed_the_comparison_of_float32_with_float64(tmp_path) -> None:
@@ -28,7 +17,7 @@ def test_saved_blocks_feed_the_comparison_of_float32_with_float64(tmp_path) -> N
     ids = torch.randint(5, 50, (24, 8), generator=torch.Generator().manual_seed(0))
     blocks = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     save_file(blocks, str(tmp_path / "blocks.safetensors"))
-    result = load_script().main([
+    result = load_benchmark("statistics_precision").main([
         "--model-a", str(tmp_path / "m0"), "--model-b", str(tmp_path / "m1"), "--batch-size", "5",
         "--blocks-file", str(tmp_path / "blocks.safetensors"), "--output", str(tmp_path / "out.json"),
     ])

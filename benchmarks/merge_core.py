@@ -7,7 +7,7 @@ presets of `lightning_merge.models`. Per preset it measures:
   sums hold after ``tokens`` and after 4x ``tokens`` (equal: memory does not grow with tokens), and the peak memory
   the updates add on top of the sums (float64 copies of one chunk of features);
 - matching: seconds per group for ff, attn (head_perm, monotonic, ignore_heads) and res (all), and per model;
-- applying: seconds for ``apply_permutations`` on the full state dict, and for one interpolation.
+- applying: seconds for ``apply_alignments`` (random permutations) on the full state dict, and for one interpolation.
 
 Usage::
 
@@ -31,9 +31,10 @@ from scipy.optimize import linear_sum_assignment
 from transformers import BertForMaskedLM
 
 from lightning_merge.io import atomic_write_text
+from lightning_merge.merge.alignment import apply_alignments, permutations
 from lightning_merge.merge.interpolate import interpolate_state_dicts
-from lightning_merge.merge.methods import get_method
-from lightning_merge.merge.permute import apply_permutations, random_permutations
+from lightning_merge.merge.methods import FitInputs, get_method
+from lightning_merge.merge.permute import random_permutations
 from lightning_merge.merge.spec import PermutationSpec, spec_for_model
 from lightning_merge.merge.stats import MergeStatistics
 from lightning_merge.models import PRESETS, build_config
@@ -150,7 +151,8 @@ def bench_matching(spec: PermutationSpec, statistics: dict, all_groups: bool, de
     for name in MATCHERS:
         method = get_method(name)
         names = method.group_names(spec) if all_groups else method.group_names(spec)[:1]
-        seconds, _ = timed(lambda: method.fit(statistics[method.groups[0]], spec, groups=names), device, REPEAT)
+        inputs = lambda: FitInputs(spec, statistics=statistics[method.kinds[0]])  # noqa: E731 - fresh: no shared results
+        seconds, _ = timed(lambda: method.fit(inputs(), groups=names), device, REPEAT)
         result[f"match_{name}_s_per_group"] = seconds / len(names)
         result[f"match_{name}_s_per_model"] = seconds / len(names) * len(method.group_names(spec))
     return result
@@ -158,8 +160,8 @@ def bench_matching(spec: PermutationSpec, statistics: dict, all_groups: bool, de
 
 def bench_apply(model: torch.nn.Module, spec: PermutationSpec, device: torch.device) -> dict:
     state = {name: tensor.to(device) for name, tensor in model.state_dict().items()}
-    perms = {name: perm.to(device) for name, perm in random_permutations(spec, torch.Generator()).items()}
-    apply_seconds, permuted = timed(lambda: apply_permutations(state, spec, perms), device, REPEAT)
+    perms = permutations({name: p.to(device) for name, p in random_permutations(spec, torch.Generator()).items()})
+    apply_seconds, permuted = timed(lambda: apply_alignments(state, spec, perms), device, REPEAT)
     interpolate_seconds, _ = timed(lambda: interpolate_state_dicts(state, permuted, 0.5), device, REPEAT)
     parameters = sum(t.numel() for n, t in state.items() if n not in spec.ties)
     return {"parameters": parameters, "apply_s": apply_seconds, "interpolate_s": interpolate_seconds}

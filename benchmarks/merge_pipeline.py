@@ -153,8 +153,8 @@ def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision:
 
 def _statistics_bytes(module: InterpolationModule, methods: list[str]) -> int:
     """Bytes of the float64 sums the methods need (`MergeStatistics.nbytes`, without allocating them)."""
-    groups = {g for name in methods for g in get_method(name).group_names(module.spec)}
-    widths = {point.key: module.spec.groups[g].size for g in groups for point in module.spec.points[g]}
+    features = {f for name in methods for f in get_method(name).statistics_features(module.spec)}
+    widths = {point.key: module.spec.feature_size(f) for f in features for point in module.spec.points[f]}
     return sum(8 * (d * d + 4 * d + 1) for d in widths.values())
 
 

@@ -32,7 +32,7 @@ from transformers import BertForMaskedLM
 from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.features import FeatureRecorder
-from lightning_merge.merge.methods import get_method
+from lightning_merge.merge.methods import FitInputs, get_method
 from lightning_merge.merge.spec import spec_for_pair
 from lightning_merge.merge.stats import PRODUCT_DTYPES, MergeStatistics
 
@@ -69,7 +69,9 @@ def accumulate(spec, recorded: list[dict], products: str, device: torch.device) 
 
 def compare(spec, exact: MergeStatistics, fast: MergeStatistics) -> list[dict]:
     method = get_method(METHOD)
-    perms_exact, perms_fast = method.fit(exact, spec), method.fit(fast, spec)
+    found_exact, found_fast = (method.fit(FitInputs(spec, statistics=s)) for s in (exact, fast))
+    perms_exact = {group: alignment.perm for group, alignment in found_exact.items()}
+    perms_fast = {group: alignment.perm for group, alignment in found_fast.items()}
     rows = []
     for kind in ("ff", "attn", "res"):
         groups = spec.groups_of_kind([kind])

@@ -14,9 +14,7 @@ from torch import Tensor
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
-from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.features import PairStatisticsRecorder
-from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import MergeStatistics, product_dtype
 
 
@@ -43,31 +41,30 @@ class HFExport(pl.Callback):
 
 
 class MergeCallback(pl.Callback):
-    """Gather matching statistics of a `PairModule`'s validation pass and fit every method's permutations.
+    """Gather the activation statistics a merge's methods need during a `PairModule`'s validation pass.
 
     At validation start it hooks the feature points of both models; during each batch's forward passes it adds
-    every point's token features to float64 sums (`PairStatisticsRecorder`); at validation end it removes the hooks,
-    all-reduces the sums across ranks and solves every method's permutations (`fit_methods`: shared assignments
-    once, independent ones in parallel; identical on every rank, since every rank holds the same sums).
+    every point's token features to float64 sums (`PairStatisticsRecorder`); at validation end it removes the hooks
+    and all-reduces the sums across ranks, so every rank holds the statistics of all tokens. Fitting the methods'
+    alignments from them is the trainer's next step.
 
     Args:
-        methods: merge method names (see ``lightning_merge.merge.methods``).
+        features: the feature sets to record (names in the spec's ``points``: what the methods declare they read).
         special_token_ids: token ids to leave out of the statistics (the paper keeps special tokens: None).
         statistics_dtype: ``float64`` or ``float32``: the dtype of the per-block products (sums stay float64).
     """
 
     def __init__(
         self,
-        methods: Sequence[str],
+        features: Sequence[str],
         special_token_ids: Sequence[int] | None = None,
         statistics_dtype: str = "float64",
     ) -> None:
-        self.methods = {name: get_method(name) for name in methods}
+        self.features = list(features)
         self.statistics_dtype = statistics_dtype
         product_dtype(statistics_dtype)  # an unknown name fails here, before the pass
         self.special_token_ids = list(special_token_ids) if special_token_ids else None
         self.statistics: MergeStatistics | None = None
-        self.permutations: dict[str, dict[str, Tensor]] = {}
         self._recorder: PairStatisticsRecorder | None = None
         self._special_ids: Tensor | None = None
         self.timings: dict[str, float] = {}
@@ -75,10 +72,7 @@ class MergeCallback(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
-        spec = pl_module.spec
-        wanted = {g for method in self.methods.values() for g in method.group_names(spec)}
-        groups = [g for g in spec.groups if g in wanted]
-        self.statistics = MergeStatistics(spec, groups, pl_module.device, self.statistics_dtype)
+        self.statistics = MergeStatistics(pl_module.spec, self.features, pl_module.device, self.statistics_dtype)
         self._recorder = PairStatisticsRecorder(pl_module.model_a, pl_module.model_b, self.statistics)
         self._recorder.register()
         if self.special_token_ids:
@@ -109,11 +103,7 @@ class MergeCallback(pl.Callback):
         _sum_across_ranks(trainer.strategy, self.statistics.state_tensors().values())
         if self.statistics.points and self.statistics.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
-        counted_at = time.perf_counter()
-        release_freed_memory()  # the pass's activations and features, before matching allocates its correlations
-        matched_at = time.perf_counter()
-        self.permutations = fit_methods(self.methods, self.statistics, pl_module.spec)
-        self.timings = {"statistics_s": counted_at - self._start, "matching_s": time.perf_counter() - matched_at}
+        self.timings = {"statistics_s": time.perf_counter() - self._start}
 
 
 def _sum_across_ranks(strategy: pl.strategies.Strategy, tensors: Iterable[Tensor]) -> None:

@@ -33,9 +33,13 @@ def barrier_table(barriers: Mapping[str, Mapping[str, float]], columns: Sequence
     columns = list(columns or next(iter(barriers.values()), {}).keys())
     lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
     for method, figures in barriers.items():
-        cells = [f"{figures[c]:.4f}" if c in figures else "" for c in columns]
+        cells = [_cell(figures[c]) if c in figures else "" for c in columns]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _cell(value: float | bool) -> str:
+    return ("yes" if value else "no") if isinstance(value, bool) else f"{value:.4f}"
 
 
 def plot_curves(path: Path, lambdas: Sequence[float], curves: Curves, metric: str = "loss") -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +13,25 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from pytorch_lightning.utilities import rank_zero_only
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.errors import ConfigError, OutputExistsError
 from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
 from lightning_merge.memory import release_freed_memory
-from lightning_merge.merge.methods import get_method
+from lightning_merge.merge.alignment import save_alignments
+from lightning_merge.merge.methods import (
+    LOSS,
+    STATISTICS,
+    WEIGHTS,
+    FitInputs,
+    MergeMethod,
+    TrainingLoss,
+    fit_methods,
+    get_method,
+)
 from lightning_merge.merge.stats import product_dtype
+from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.report import write_report
 
@@ -83,72 +93,121 @@ class MergeTrainer(pl.Trainer):
                 lowers its peak memory in proportion; the sums do not change.
             overwrite: replace the outputs of an earlier run in the same directory.
         """
-        methods = list(methods or DEFAULT_METHODS)
+        names = list(methods or DEFAULT_METHODS)
         run_dir = Path(self.default_root_dir)
-        self._check_request(run_dir, methods, export_method, overwrite)
+        chosen = self._check_request(run_dir, names, export_method, overwrite)
         product_dtype(statistics_dtype)  # an unknown name fails before any work
         if statistics_batch_size is not None and statistics_batch_size < 1:
             raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
-        timings: dict[str, float] = {}
+        timings: dict[str, Any] = {}
         if statistics_data is not None:
             statistics_data.setup("validate")
             model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
         statistics = _statistics_loader(
             statistics_data or datamodule, statistics_split, statistics_max_blocks, statistics_batch_size
         )
-        permutations = self._fit_permutations(
-            model, datamodule, statistics, methods, exclude_special_tokens, statistics_dtype, timings
+        inputs = self._fit_inputs(
+            model, datamodule, statistics, chosen, exclude_special_tokens, statistics_dtype, timings
         )
-        model.set_methods(permutations, _task_metrics(datamodule))
+        alignments = self._fit_alignments(model, chosen, inputs, timings)
+        model.set_methods(alignments, _task_metrics(datamodule))
         release_freed_memory()  # the statistics and correlations, before the curves' parameters and activations
         start = time.perf_counter()
         self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
         timings["curves_s"] = time.perf_counter() - start
         release_freed_memory()  # the curves' activations, before the export builds the merged model
         timings["curve_points"] = len(model.methods) * len(model.lambdas)
-        results = {**model.results, "timings": timings}
-        self._write_outputs(run_dir, model, permutations, results, export_method, export_lambda, datamodule)
+        descriptions = {name: method.describe() for name, method in chosen.items()}
+        for name, figures in model.results["barriers"].items():
+            figures["function_preserving"] = descriptions[name]["function_preserving"]
+        results = {**model.results, "methods": descriptions, "timings": timings}
+        self._write_outputs(run_dir, model, alignments, results, export_method, export_lambda, datamodule)
         return results
 
-    def _check_request(self, run_dir: Path, methods: list[str], export_method: str | None, overwrite: bool) -> None:
-        for name in methods:
-            get_method(name)  # unknown names fail here, before any work
-        if export_method is not None and export_method not in methods:
-            raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(methods)}")
+    def _check_request(
+        self, run_dir: Path, names: list[str], export_method: str | None, overwrite: bool
+    ) -> dict[str, MergeMethod]:
+        chosen = {name: get_method(name) for name in names}  # unknown names and bad options fail before any work
+        if export_method is not None and export_method not in names:
+            raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(names)}")
         if (run_dir / "barriers.json").exists() and not overwrite:
             raise OutputExistsError(
                 f"{run_dir} holds an earlier merge; pass --overwrite true or another --trainer.default_root_dir"
             )
+        return chosen
 
-    def _fit_permutations(
-        self, model: InterpolationModule, datamodule: Any, loader: Any, methods: Sequence[str], exclude_special: bool,
+    def _fit_inputs(
+        self, model: InterpolationModule, datamodule: Any, loader: Any, methods: Mapping[str, MergeMethod],
+        exclude_special: bool, statistics_dtype: str, timings: dict,
+    ) -> FitInputs:
+        """Exactly what the methods declare they need: statistics (one pass for all), weights, a training loss."""
+        needs = set().union(*(method.needs for method in methods.values()))
+        statistics = None
+        if STATISTICS in needs:
+            features = [f for method in methods.values() for f in method.statistics_features(model.spec)]
+            statistics = self._collect_statistics(model, datamodule, loader, list(dict.fromkeys(features)),
+                                                  exclude_special, statistics_dtype, timings)
+        weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
+        training = TrainingLoss(model.mean_loss, self._optimiser(datamodule)) if LOSS in needs else None
+        return FitInputs(model.spec, *weights, statistics=statistics, training=training)
+
+    def _collect_statistics(
+        self, model: InterpolationModule, datamodule: Any, loader: Any, features: list[str], exclude_special: bool,
         statistics_dtype: str, timings: dict,
-    ) -> dict[str, dict[str, torch.Tensor]]:
-        if not any(get_method(name).groups for name in methods):
-            return {name: {} for name in methods}  # nothing to align: no statistics pass needed
+    ) -> Any:
         tokenizer = getattr(datamodule, "tokenizer", None)
         special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
-        callback = MergeCallback(methods, special_token_ids=special_ids, statistics_dtype=statistics_dtype)
+        callback = MergeCallback(features, special_token_ids=special_ids, statistics_dtype=statistics_dtype)
         self.callbacks.append(callback)
         try:
             self.validate(model, dataloaders=loader, verbose=False)
         finally:
             self.callbacks.remove(callback)
         timings.update(callback.timings, statistics_tokens=callback.statistics.token_count)
-        return callback.permutations
+        release_freed_memory()  # the pass's activations and features, before matching allocates its correlations
+        return callback.statistics
+
+    def _fit_alignments(
+        self, model: InterpolationModule, methods: Mapping[str, MergeMethod], inputs: FitInputs, timings: dict
+    ) -> dict[str, dict[str, Any]]:
+        fit_seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        try:
+            alignments = fit_methods(methods, inputs, fit_seconds)
+        finally:
+            inputs.close()
+        timings.update(matching_s=time.perf_counter() - start, fit_s=fit_seconds)
+        return alignments
+
+    def _optimiser(self, datamodule: Any):
+        """`TrainingLoss.optimise` for this merge: Lightning fits the method's module on the training batches,
+        on this trainer's devices, precision and logger."""
+
+        def optimise(alignment: torch.nn.Module, steps: int, lr: float) -> None:
+            datamodule.setup("fit")
+            learner = AlignmentLearningModule(alignment, lr)
+            trainer = pl.Trainer(
+                max_steps=steps, max_epochs=-1, accelerator=self.accelerator, devices=self.num_devices,
+                num_nodes=self.num_nodes, strategy="ddp" if self.world_size > 1 else "auto",
+                precision=self.precision, logger=self.logger or False, enable_checkpointing=False,
+                enable_model_summary=False, enable_progress_bar=self.progress_bar_callback is not None,
+                num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=self.log_every_n_steps,
+                default_root_dir=self.default_root_dir,
+            )
+            trainer.fit(learner, train_dataloaders=datamodule.train_dataloader())
+
+        return optimise
 
     @rank_zero_only
     def _write_outputs(
-        self, run_dir: Path, model: InterpolationModule, permutations: dict, results: dict, export_method: str | None,
+        self, run_dir: Path, model: InterpolationModule, alignments: dict, results: dict, export_method: str | None,
         export_lambda: float, datamodule: Any,
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
-        flat = {f"{method}/{group}": perm.cpu().contiguous() for method, perms in permutations.items()
-                for group, perm in perms.items()}
-        with atomic_file(run_dir / "permutations.safetensors") as tmp:
-            save_file(flat, str(tmp), metadata={"methods": json.dumps(list(permutations))})
+        with atomic_file(run_dir / "alignments.safetensors") as tmp:
+            save_alignments(tmp, alignments)
         metric_columns = [k for k in next(iter(results["barriers"].values())) if k.endswith(("_barrier", "_a", "_b"))
                           and k not in BARRIER_COLUMNS]
         table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"],
@@ -171,7 +230,12 @@ class MergeTrainer(pl.Trainer):
                 tokenizer.save_pretrained(tmp)
 
 
-BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b")
+BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "function_preserving")
+
+
+def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's parameters by name (tied ones once), detached: what weight-based methods read."""
+    return {name: param.detach() for name, param in model.named_parameters()}
 
 
 class RankStridedSampler(DistributedSampler):

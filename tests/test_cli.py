@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoModelForMaskedLM
 
 from lightning_merge.cli import main
@@ -97,13 +98,15 @@ def test_merge_subcommand_writes_every_output(fitted, tmp_path) -> None:
         "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
         "--data.init_args.source.train_files", str(fitted / "corpus.txt"),
         "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
-        "--methods", "[vanilla, ff+attn+res]",
+        "--methods", "[vanilla, ff+attn+res, weight_matching, 'ff+attn[linear]+res', 'learned[steps=2,attn=linear]']",
     ]
     assert run_cli(args) == 0
-    for name in ("permutations.safetensors", "curves.csv", "barriers.json", "barrier.png", "merged/config.json"):
+    for name in ("alignments.safetensors", "curves.csv", "barriers.json", "barrier.png", "merged/config.json"):
         assert (run / name).exists(), name
     barriers = json.loads((run / "barriers.json").read_text())
-    assert set(barriers) == {"vanilla", "ff+attn+res"}
+    assert set(barriers) == {"vanilla", "ff+attn+res", "weight_matching", "ff+attn[linear]+res",
+                             "learned[steps=2,attn=linear]"}
+    assert all(figures["function_preserving"] for figures in barriers.values())
     assert run_cli(args) == 2  # a second run into the same directory is refused, the first run's files stay
     assert json.loads((run / "barriers.json").read_text()) == barriers
 
@@ -155,23 +158,27 @@ def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
         "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
         "--data.init_args.source.train_files", str(fitted / "corpus.txt"), "--data.init_args.batch_size", "3",
         "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
-        "--methods", "[vanilla, ff+attn+res]", "--export_method", "null", *extra,
+        "--methods", "[vanilla, ff+attn+res, weight_matching, 'ff+attn[linear]+res', 'learned[steps=2]']",
+        "--export_method", "null", *extra,
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_ddp_on_two_processes_matches_one_process(fitted, tmp_path) -> None:
-    from safetensors.torch import load_file
+    from lightning_merge.merge.alignment import load_alignments
 
     merge_in_subprocess(fitted, tmp_path / "one", "--trainer.devices", "1")
     merge_in_subprocess(fitted, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp")
-    perms_one, perms_ddp = (load_file(tmp_path / run / "permutations.safetensors") for run in ("one", "ddp"))
-    assert perms_one.keys() == perms_ddp.keys()
-    for key in perms_one:
-        assert (perms_one[key] == perms_ddp[key]).all(), key
+    one_process, two_ranks = (load_alignments(tmp_path / run / "alignments.safetensors") for run in ("one", "ddp"))
+    assert one_process.keys() == two_ranks.keys()
+    exact = [method for method in one_process if not method.startswith("learned")]  # learning sees other batches
+    for method in exact:
+        for group, alignment in one_process[method].items():
+            for name, tensor in alignment.tensors().items():
+                torch.testing.assert_close(two_ranks[method][group].tensors()[name], tensor, rtol=0, atol=1e-9)
     one, ddp = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "ddp"))
     assert one["timings"]["statistics_tokens"] == ddp["timings"]["statistics_tokens"]
-    for method, figures in one["barriers"].items():
-        for key, value in figures.items():
+    for method in exact:
+        for key, value in one["barriers"][method].items():
             assert abs(value - ddp["barriers"][method][key]) <= 1e-6, (method, key)

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
 
 from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
-from lightning_merge.merge.spec import ARCHITECTURES, bert_spec, spec_for_model, spec_for_pair
+from lightning_merge.merge.spec import ARCHITECTURES, Axis, bert_spec, spec_for_model, spec_for_pair
 
 CLASSES = (BertModel, BertForMaskedLM, BertForSequenceClassification)
 
@@ -43,11 +43,14 @@ def test_feature_points_name_real_modules(model_class):
     model = model_class(tiny_config())
     spec = spec_for_model(model)
     assert len(spec.points["res"]) == 2 * 3 + 1
-    for group, points in spec.points.items():
+    for features, points in spec.points.items():
         for point in points:
             model.get_submodule(point.module)  # raises if the name is wrong
-            assert point.source == ("output" if group == "res" else "input")
+            assert point.source == ("output" if features == "res" or "/" in features else "input")
+    projections = {f"attn.{i}/{p}" for i in range(3) for p in ("query", "key", "value")}
+    assert {f for f in spec.points if "/" in f} == projections
     prefix = "" if model_class is BertModel else "bert."
+    assert spec.points["attn.1/key"][0].module == f"{prefix}encoder.layer.1.attention.self.key"
     assert spec.points["ff.0"][0].module == f"{prefix}encoder.layer.0.output.dense"
     assert spec.points["attn.2"][0].module == f"{prefix}encoder.layer.2.attention.output.dense"
     assert spec.points["res"][0].module == f"{prefix}embeddings.LayerNorm"
@@ -56,16 +59,29 @@ def test_feature_points_name_real_modules(model_class):
 def test_mlm_head_moves_with_residual_and_decoder_is_tied():
     spec = spec_for_model(BertForMaskedLM(tiny_config()))
     assert spec.ties["cls.predictions.decoder.weight"] == "bert.embeddings.word_embeddings.weight"
-    assert spec.axes["cls.predictions.decoder.weight"] == (None, "res")
-    assert spec.axes["cls.predictions.transform.dense.weight"] == ("res", "res")
-    assert spec.axes["cls.predictions.transform.dense.bias"] == ("res",)
-    assert spec.axes["cls.predictions.transform.LayerNorm.weight"] == ("res",)
+    # the tied decoder takes its source's axes: the embedding rows carry the residual features
+    assert spec.axes["cls.predictions.decoder.weight"] == (None, Axis("res", "out"))
+    assert spec.axes["cls.predictions.transform.dense.weight"] == (Axis("res", "out"), Axis("res", "in"))
+    assert spec.axes["cls.predictions.transform.dense.bias"] == (Axis("res", "out"),)
+    assert spec.axes["cls.predictions.transform.LayerNorm.weight"] == (Axis("res", "norm"),)
     assert spec.axes["cls.predictions.bias"] == (None,)
+
+
+def test_attention_axes_say_how_a_linear_map_acts_on_them():
+    spec = spec_for_model(BertModel(tiny_config()))
+    layer = "encoder.layer.0.attention."
+    assert spec.axes[layer + "self.query.weight"] == (Axis("attn.0", "out", "qk"), Axis("res", "in"))
+    assert spec.axes[layer + "self.key.weight"][0] == Axis("attn.0", "in", "qk")  # keys meet queries in QKᵀ
+    assert spec.axes[layer + "self.key.bias"] == (Axis("attn.0", "in", "qk"),)
+    assert spec.axes[layer + "self.value.weight"][0] == Axis("attn.0", "out", "vo")
+    assert spec.axes[layer + "output.dense.weight"] == (Axis("res", "out"), Axis("attn.0", "in", "vo"))
+    assert spec.axes[layer + "output.LayerNorm.bias"] == (Axis("res", "norm"),)
+    assert spec.groups["attn.0"].subspaces == ("qk", "vo") and spec.groups["ff.0"].subspaces == ()
 
 
 def test_pooler_reads_residual_but_its_output_is_not_permuted():
     spec = spec_for_model(BertForSequenceClassification(tiny_config()))
-    assert spec.axes["bert.pooler.dense.weight"] == (None, "res")
+    assert spec.axes["bert.pooler.dense.weight"] == (None, Axis("res", "in"))
     assert spec.axes["bert.pooler.dense.bias"] == (None,)
     assert spec.axes["classifier.weight"] == (None, None)
 
@@ -150,7 +166,7 @@ def test_merge_package_does_not_import_lightning():
 def test_untied_mlm_decoder_is_its_own_weight():
     spec = spec_for_model(BertForMaskedLM(tiny_config(tie_word_embeddings=False)))
     assert not spec.ties
-    assert spec.axes["cls.predictions.decoder.weight"] == (None, "res")
+    assert spec.axes["cls.predictions.decoder.weight"] == (None, Axis("res", "in"))
     assert spec.axes["cls.predictions.decoder.bias"] == (None,)
     with pytest.raises(ArchitectureMismatch, match="tie_word_embeddings: True vs False"):
         spec_for_pair(BertForMaskedLM(tiny_config()), BertForMaskedLM(tiny_config(tie_word_embeddings=False)))

@@ -179,9 +179,9 @@ def test_statistics_from_another_spec_are_refused():
     with pytest.raises(ArchitectureMismatch, match="num_hidden_layers"):
         stats.merge(MergeStatistics(tiny_spec(3)))
     partial = MergeStatistics(tiny_spec(2), groups=["ff.0"])
-    with pytest.raises(ConfigError, match="no group 'res'"):
+    with pytest.raises(ConfigError, match="no feature set 'res'"):
         partial.check_spec(tiny_spec(2), ["res"])
-    with pytest.raises(ConfigError, match="no group 'ff.9'"):
+    with pytest.raises(ConfigError, match="no feature set 'ff.9'"):
         MergeStatistics(tiny_spec(2), groups=["ff.9"])
 
 

@@ -8,18 +8,26 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, OutputExistsError, UnknownNameError
-from lightning_merge.merge.permute import apply_permutations, invert_permutation, random_permutations
+from lightning_merge.merge.alignment import HeadLinear, Permutation, apply_alignments, load_alignments, permutations
+from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
 from lightning_merge.merge.stats import PairStatistics
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.trainer import MergeTrainer
 
 VOCAB = 40
+
+
+class StatisticsBatchSizes(pl.Callback):
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.sizes.append(len(batch["input_ids"]))
 
 
 class RandomTokens(pl.LightningDataModule):
@@ -49,6 +57,7 @@ class RandomTokens(pl.LightningDataModule):
         return self._loader(True)
 
     test_dataloader = val_dataloader
+    train_dataloader = val_dataloader  # what a learned alignment trains on
 
 
 def fit_briefly(model: BertForMaskedLM, data: RandomTokens, steps: int = 60) -> BertForMaskedLM:
@@ -77,7 +86,7 @@ def permuted_pair(tmp_path_factory):
     spec = spec_for_model(model)
     planted = random_permutations(spec, torch.Generator().manual_seed(3))
     model.save_pretrained(root / "a")
-    model.load_state_dict(apply_permutations(model.state_dict(), spec, planted))
+    model.load_state_dict(apply_alignments(model.state_dict(), spec, permutations(planted)))
     model.save_pretrained(root / "b")
     return root / "a", root / "b", planted
 
@@ -98,14 +107,55 @@ def test_merge_with_permuted_self_is_flat_only_when_aligned(tmp_path, permuted_p
     losses = results["curves"]["ff+attn+res"]["loss"]
     assert max(losses) - min(losses) <= 1e-4  # the whole path is one function
     run = tmp_path / "run"
-    perms = load_file(run / "permutations.safetensors")
+    alignments = load_alignments(run / "alignments.safetensors")
     for group, perm in planted.items():
-        assert torch.equal(perms[f"ff+attn+res/{group}"], invert_permutation(perm)), group
+        assert torch.equal(alignments["ff+attn+res"][group].perm, invert_permutation(perm)), group
     assert json.loads((run / "barriers.json").read_text())["vanilla"]["barrier"] == barriers["vanilla"]["barrier"]
     assert (run / "curves.csv").read_text().startswith("method,lambda,loss")
     assert (run / "barrier.png").stat().st_size > 0
     merged = AutoModelForMaskedLM.from_pretrained(run / "merged")
     assert merged.cls.predictions.decoder.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
+
+
+BEYOND_THE_PAPER = ["vanilla", "weight_matching", "ff+attn[linear]+res", "learned[init=permute,steps=4]",
+                    "learned[init=ff+attn[linear]+res,steps=4,attn=linear]"]
+
+
+def test_every_alignment_kind_goes_through_the_merge(tmp_path, permuted_pair, capsys) -> None:
+    model_a, model_b, planted = permuted_pair
+    batches = StatisticsBatchSizes()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), callbacks=[batches],
+                           **quiet)
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.5, 1])
+    results = trainer.merge(module, RandomTokens(), methods=BEYOND_THE_PAPER, export_method=BEYOND_THE_PAPER[-1])
+    assert batches.sizes  # one statistics pass, for the methods that need statistics
+    for name in BEYOND_THE_PAPER[1:]:
+        assert results["barriers"][name]["barrier"] <= 1e-4, name  # each finds B's planted alignment
+        assert results["barriers"][name]["function_preserving"] is True
+        assert results["timings"]["fit_s"][name] >= 0.0
+    assert results["methods"]["weight_matching"]["needs"] == ["weights"]
+    assert results["methods"]["learned[init=permute,steps=4]"]["needs"] == ["loss", "statistics", "weights"]
+    saved = load_alignments(tmp_path / "run" / "alignments.safetensors")
+    assert list(saved) == BEYOND_THE_PAPER and saved["vanilla"] == {}
+    assert isinstance(saved["ff+attn[linear]+res"]["attn.0"], HeadLinear)
+    assert isinstance(saved[BEYOND_THE_PAPER[-1]]["attn.1"], HeadLinear)
+    assert isinstance(saved["weight_matching"]["res"], Permutation)
+    assert torch.equal(saved["weight_matching"]["res"].perm, invert_permutation(planted["res"]))
+    assert "| function_preserving |" in capsys.readouterr().out
+    assert (tmp_path / "run" / "merged" / "config.json").is_file()
+
+
+def test_methods_without_statistics_skip_the_statistics_pass(tmp_path, permuted_pair) -> None:
+    model_a, model_b, planted = permuted_pair
+    batches = StatisticsBatchSizes()
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), callbacks=[batches],
+                           **quiet)
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.5, 1])
+    results = trainer.merge(module, RandomTokens(), methods=["vanilla", "weight_matching"], export_method=None)
+    assert batches.sizes == [] and "statistics_s" not in results["timings"]
+    assert results["barriers"]["weight_matching"]["barrier"] <= 1e-4
 
 
 def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:
@@ -129,18 +179,10 @@ def test_float32_statistics_and_overlapping_methods(tmp_path, permuted_pair) -> 
     methods = ["ff", "res[first]", "ff+attn+res"]  # the ff and res assignments are solved once, saved per method
     results = merge(tmp_path, model_a, model_b, methods, statistics_dtype="float32", export_method=None)
     assert results["barriers"]["ff+attn+res"]["barrier"] <= 1e-4
-    perms = load_file(tmp_path / "run" / "permutations.safetensors")
+    alignments = load_alignments(tmp_path / "run" / "alignments.safetensors")
     for group, perm in planted.items():
-        assert torch.equal(perms[f"ff+attn+res/{group}"], invert_permutation(perm)), group
-    assert torch.equal(perms["ff/ff.0"], perms["ff+attn+res/ff.0"])
-
-
-class StatisticsBatchSizes(pl.Callback):
-    def __init__(self) -> None:
-        self.sizes: list[int] = []
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self.sizes.append(len(batch["input_ids"]))
+        assert torch.equal(alignments["ff+attn+res"][group].perm, invert_permutation(perm)), group
+    assert torch.equal(alignments["ff"]["ff.0"].perm, alignments["ff+attn+res"]["ff.0"].perm)
 
 
 def test_statistics_batch_size_changes_the_batches_not_the_result(tmp_path, permuted_pair) -> None:
@@ -155,9 +197,10 @@ def test_statistics_batch_size_changes_the_batches_not_the_result(tmp_path, perm
     smaller = trainer.merge(module, RandomTokens(), methods=methods, export_method=None, statistics_batch_size=3)
     assert batches.sizes == [3] * 5 + [1]  # 16 blocks in batches of 3, not RandomTokens' 4
     assert smaller["timings"]["statistics_tokens"] == default["timings"]["statistics_tokens"]
-    expected = load_file(tmp_path / "default" / "run" / "permutations.safetensors")
-    got = load_file(tmp_path / "run" / "permutations.safetensors")
-    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    expected = load_alignments(tmp_path / "default" / "run" / "alignments.safetensors")
+    got = load_alignments(tmp_path / "run" / "alignments.safetensors")
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[m][g].perm, expected[m][g].perm) for m in got for g in got[m])
     with pytest.raises(ConfigError, match="statistics_batch_size=0 must be at least 1"):
         merge(tmp_path / "zero", model_a, model_b, methods, export_method=None, statistics_batch_size=0)
     assert not (tmp_path / "zero").exists()

@@ -1,31 +1,38 @@
-"""The merge math: permutation spec, feature statistics, matching, permuting, interpolation (plain PyTorch + scipy).
+"""The merge math: spec, feature statistics, matching, alignments, methods, interpolation (plain PyTorch + scipy).
 
 No Lightning import here: everything is usable from Python on any two HF BERT models.
 """
 
-from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
-from lightning_merge.merge.interpolate import (
-    InterpolationPath,
-    interpolate_state_dicts,
-    lambda_grid,
-    load_state_dict_tied,
-    loss_barrier,
+from lightning_merge.merge.alignment import (
+    Alignment,
+    HeadLinear,
+    Permutation,
+    apply_alignments,
+    load_alignments,
+    permutations,
+    save_alignments,
 )
-from lightning_merge.merge.methods import METHODS, MergeMethod, fit_methods, get_method
-from lightning_merge.merge.permute import apply_permutations, invert_permutation, random_permutations
-from lightning_merge.merge.spec import PermutationSpec, bert_spec, spec_for_model, spec_for_pair
+from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
+from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_grid, load_state_dict_tied, loss_barrier
+from lightning_merge.merge.methods import METHODS, FitInputs, MergeMethod, fit_methods, get_method
+from lightning_merge.merge.permute import invert_permutation, random_permutations
+from lightning_merge.merge.spec import Axis, PermutationSpec, bert_spec, spec_for_model, spec_for_pair
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics
 
 __all__ = [
     "METHODS",
+    "Alignment",
+    "Axis",
     "FeatureRecorder",
-    "InterpolationPath",
+    "FitInputs",
+    "HeadLinear",
     "MergeMethod",
     "MergeStatistics",
     "PairStatistics",
     "PairStatisticsRecorder",
+    "Permutation",
     "PermutationSpec",
-    "apply_permutations",
+    "apply_alignments",
     "bert_spec",
     "collect_statistics",
     "fit_methods",
@@ -33,9 +40,12 @@ __all__ = [
     "interpolate_state_dicts",
     "invert_permutation",
     "lambda_grid",
+    "load_alignments",
     "load_state_dict_tied",
     "loss_barrier",
+    "permutations",
     "random_permutations",
+    "save_alignments",
     "spec_for_model",
     "spec_for_pair",
 ]

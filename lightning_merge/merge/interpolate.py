@@ -8,7 +8,6 @@ embeddings) stay one tensor in the result, and `load_state_dict_tied` checks the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -75,43 +74,6 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
         else:
             out[name] = a
     return out
-
-
-@dataclass
-class InterpolationPath:
-    """θ(λ) = base + λ·delta with base = θ_A, delta = π(θ_B) − θ_A, precomputed once for many λ.
-
-    `at` returns a dict fit for ``torch.func.functional_call(model, path.at(lam), args)`` or `load_state_dict_tied`.
-    """
-
-    base: dict[str, torch.Tensor]
-    delta: dict[str, torch.Tensor]
-    ties: dict[str, str]
-
-    @classmethod
-    def from_state_dicts(cls, sd_a: StateDict, sd_b: StateDict) -> InterpolationPath:
-        """Precompute the path from A to (permuted) B; see `interpolate_state_dicts` for the conventions."""
-        _check_same_keys(sd_a, sd_b)
-        ties = find_ties(sd_a)
-        delta = {
-            name: sd_b[name].to(a.device, _math_dtype(a.dtype)) - a.to(_math_dtype(a.dtype))
-            for name, a in sd_a.items()
-            if torch.is_floating_point(a) and name not in ties
-        }
-        return cls(dict(sd_a), delta, ties)
-
-    def at(self, lam: float) -> dict[str, torch.Tensor]:
-        """The state dict at ``lam`` (tied entries share one tensor)."""
-        out: dict[str, torch.Tensor] = {}
-        for name, base in self.base.items():
-            if name in self.ties:
-                out[name] = out[self.ties[name]]
-            elif name in self.delta:
-                delta = self.delta[name]
-                out[name] = torch.add(base.to(delta.dtype), delta, alpha=lam).to(base.dtype)
-            else:
-                out[name] = base
-        return out
 
 
 def load_state_dict_tied(model: torch.nn.Module, state_dict: StateDict) -> None:

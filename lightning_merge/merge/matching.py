@@ -5,7 +5,8 @@ LongTensor ``perm`` with ``perm[i]`` = the B feature that goes to position i (A 
 orientation `lightning_merge.merge.permute.apply_permutations` expects. The signed correlation is matched.
 
 Attention variants (Verma & Elbayad 2024, §3.2): `match_head_perm`, `match_monotonic` and `match_ignore_heads`.
-Residual variants pick which feature points feed the correlation: `RESIDUAL_POINTS`.
+Residual variants pick which feature points feed the correlation: `RESIDUAL_POINTS`. Beyond permutations,
+`head_procrustes` fits one orthogonal map per paired head (Schönemann's orthogonal Procrustes) from a cross moment.
 """
 
 from __future__ import annotations
@@ -74,6 +75,35 @@ ATTENTION_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
     "ignore_heads": match_ignore_heads,
 }
 FUNCTION_PRESERVING_ATTENTION = {"head_perm": True, "monotonic": True, "ignore_heads": False}
+
+def head_pairing(perm: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The head of B that a head-aware ``perm`` puts at each head of A: (num_heads,)."""
+    head_dim = perm.numel() // num_heads
+    return perm.reshape(num_heads, head_dim)[:, 0] // head_dim
+
+
+def whole_head_permutation(head_of_a: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """The perm that moves B's head ``head_of_a[h]`` to head h, keeping the order of dims within each head."""
+    return (head_of_a[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def orthogonal_procrustes(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal T minimising E‖x_a − T x_b‖² given ``cross`` = E[x_a x_bᵀ]: T = U Vᵀ for cross = U S Vᵀ."""
+    left, _, right_t = torch.linalg.svd(cross.double())
+    return left @ right_t
+
+
+def head_procrustes(cross: torch.Tensor, head_of_a: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """One orthogonal map per head of A from B's paired head: (num_heads, head_dim, head_dim).
+
+    Args:
+        cross: (d, d) cross moment E[x_a x_bᵀ] of the group's features (rows A, columns B), B in its own order.
+        head_of_a: (num_heads,) B's head paired with each head of A.
+        num_heads: heads in the group.
+    """
+    blocks = _head_blocks(cross, num_heads)  # (H_a, H_b, hd, hd)
+    return torch.stack([orthogonal_procrustes(blocks[h, int(head_of_a[h])]) for h in range(num_heads)])
+
 
 # Residual variants: which of the residual feature points (embeddings LayerNorm, then per layer the attention and
 # FF LayerNorms) feed the correlation; several points have their covariances averaged, as in the paper.

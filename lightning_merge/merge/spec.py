@@ -11,7 +11,15 @@ Groups (all perms index the feature axis they act on; see `lightning_merge.merge
   ``output.dense``).
 - ``attn.{i}``: the d concatenated per-head context features of layer i, head-aware (``num_heads`` blocks of
   ``head_dim``): rows + bias of query, key and value share it (so QKᵀ is unchanged), columns of the attention output.
+  Two subspaces: ``qk`` (query and key rows) and ``vo`` (value rows, output columns); a permutation moves both the
+  same way, a per-head linear alignment may map them differently.
 - ``res``: one permutation of the whole residual stream.
+
+Every permuted axis is an `Axis`: its group, its role and its subspace. The role says how a linear map M of the
+group's features acts on it: ``out`` axes carry the features (rows and biases of the layers that write them,
+embedding columns: transformed by M), ``in`` axes read them (input columns, and the key rows that meet the queries
+in QKᵀ: transformed by M⁻ᵀ), ``norm`` axes scale them elementwise (LayerNorm gains and biases: only a permutation
+commutes with them). For a permutation M⁻ᵀ = M, so every role is the same gather.
 
 The MLM decoder is tied to the word embeddings (unless the config unties them): the spec declares the tie (``ties``)
 and gives the decoder weight the same axes (``(None, res)``); the decoder reads the transform's output in the
@@ -32,20 +40,42 @@ from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
 
 GROUP_KINDS = ("ff", "attn", "res")
 RESIDUAL = "res"
+AXIS_ROLES = ("out", "in", "norm")
+ATTENTION_SUBSPACES = ("qk", "vo")
+# Extra feature sets of an attention group, recorded only for methods that ask: ``attn.{i}/query`` etc.
+ATTENTION_PROJECTIONS = ("query", "key", "value")
 
 
 @dataclass(frozen=True)
 class PermGroup:
-    """One permutation group: ``size`` features, in ``num_heads`` contiguous blocks for attention."""
+    """One alignment group: ``size`` features, in ``num_heads`` contiguous blocks for attention.
+
+    ``subspaces`` name parts of the group's axes that a linear alignment may map differently (attention: ``qk``
+    and ``vo``); a permutation acts on all of them alike.
+    """
 
     name: str
     kind: str
     size: int
     num_heads: int = 1
+    subspaces: tuple[str, ...] = ()
 
     @property
     def head_dim(self) -> int:
         return self.size // self.num_heads
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One axis of a weight that a group acts on: ``role`` is ``out``, ``in`` or ``norm`` (see the module doc)."""
+
+    group: str
+    role: str = "out"
+    subspace: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in AXIS_ROLES:
+            raise ValueError(f"axis role {self.role!r} is not one of {AXIS_ROLES}")
 
 
 @dataclass(frozen=True)
@@ -143,20 +173,21 @@ _SHAPE_FIELDS = (
 
 @dataclass(frozen=True, eq=False)
 class PermutationSpec:
-    """Weight name -> per-axis group name (``None``: axis not permuted), the groups, and their feature points.
+    """Weight name -> per-axis `Axis` (``None``: axis not aligned), the groups, and their feature points.
 
     Attributes:
         architecture: HF class name the spec was built for.
         axes: every floating weight of the model; tied aliases are listed too, with the axes of their source.
         groups: group name -> `PermGroup`, in matching order (ff/attn per layer, then ``res``).
-        points: group name -> feature points whose statistics the group is matched on.
+        points: feature set name -> feature points. Every group's matching features are under its own name; an
+            attention group's projections are under ``attn.{i}/query``, ``/key`` and ``/value``.
         ties: alias weight name -> source weight name (the alias shares the source's storage).
         fields: (name, value) pairs identifying the architecture; two specs are compatible when these are equal.
         base_prefix: where the base model sits in the full model (``"bert."``; ``""`` for a bare ``BertModel``).
     """
 
     architecture: str
-    axes: Mapping[str, tuple[str | None, ...]]
+    axes: Mapping[str, tuple[Axis | None, ...]]
     groups: Mapping[str, PermGroup]
     points: Mapping[str, tuple[FeaturePoint, ...]]
     ties: Mapping[str, str] = field(default_factory=dict)
@@ -168,10 +199,14 @@ class PermutationSpec:
         """The inverse map, derived once: group name -> [(weight name, axis)]."""
         inverse: dict[str, list[tuple[str, int]]] = {name: [] for name in self.groups}
         for weight, axes in self.axes.items():
-            for axis, group in enumerate(axes):
-                if group is not None:
-                    inverse[group].append((weight, axis))
+            for index, axis in enumerate(axes):
+                if axis is not None:
+                    inverse[axis.group].append((weight, index))
         return inverse
+
+    def feature_size(self, features: str) -> int:
+        """Width of a feature set of ``points``: that of its group (``attn.0/query`` belongs to ``attn.0``)."""
+        return self.groups[features.split("/")[0]].size
 
     def groups_of_kind(self, kinds: Iterable[str]) -> list[str]:
         """Group names whose kind is in ``kinds`` (``ff``, ``attn``, ``res``), in spec order."""
@@ -202,14 +237,13 @@ class PermutationSpec:
             if name in state_dict:
                 self._check_shape(name, tuple(state_dict[name].shape), axes)
 
-    def _check_shape(self, name: str, shape: tuple[int, ...], axes: tuple[str | None, ...]) -> None:
+    def _check_shape(self, name: str, shape: tuple[int, ...], axes: tuple[Axis | None, ...]) -> None:
         if len(shape) != len(axes):
             raise ArchitectureMismatch(f"{name} has {len(shape)} dims, the spec expects {len(axes)}")
-        for axis, group in enumerate(axes):
-            if group is not None and shape[axis] != self.groups[group].size:
-                raise ArchitectureMismatch(
-                    f"{name} axis {axis} has size {shape[axis]}, group {group} has {self.groups[group].size}"
-                )
+        for index, axis in enumerate(axes):
+            if axis is not None and shape[index] != self.groups[axis.group].size:
+                size, group = self.groups[axis.group].size, axis.group
+                raise ArchitectureMismatch(f"{name} axis {index} has size {shape[index]}, group {group} has {size}")
 
 
 def check_same_fields(fields_a: Iterable[tuple[str, Any]], fields_b: Iterable[tuple[str, Any]], what: str) -> None:
@@ -222,27 +256,35 @@ def check_same_fields(fields_a: Iterable[tuple[str, Any]], fields_b: Iterable[tu
         raise ArchitectureMismatch(f"{what} differ in their number of fields: {len(list_a)} vs {len(list_b)}")
 
 
+GroupRef = str | Axis | None  # a group name takes the role its position implies
+
+
+def _axis(ref: GroupRef, role: str) -> Axis | None:
+    return Axis(ref, role) if isinstance(ref, str) else ref
+
+
 class _SpecBuilder:
     """Small helpers that declare weights: ``dense``, ``norm``, ``embed``, ``tie`` (git-re-basin style)."""
 
     def __init__(self) -> None:
-        self.axes: dict[str, tuple[str | None, ...]] = {}
+        self.axes: dict[str, tuple[Axis | None, ...]] = {}
         self.ties: dict[str, str] = {}
 
-    def dense(self, name: str, p_out: str | None, p_in: str | None, bias: bool = True) -> None:
-        self.axes[f"{name}.weight"] = (p_out, p_in)  # torch Linear weight is (out, in)
+    def dense(self, name: str, p_out: GroupRef, p_in: GroupRef, bias: bool = True) -> None:
+        rows = _axis(p_out, "out")
+        self.axes[f"{name}.weight"] = (rows, _axis(p_in, "in"))  # torch Linear weight is (out, in)
         if bias:
-            self.axes[f"{name}.bias"] = (p_out,)
+            self.axes[f"{name}.bias"] = (rows,)
 
     def norm(self, name: str, p: str | None) -> None:
-        self.axes[f"{name}.weight"] = (p,)
-        self.axes[f"{name}.bias"] = (p,)
+        self.axes[f"{name}.weight"] = (_axis(p, "norm"),)
+        self.axes[f"{name}.bias"] = (_axis(p, "norm"),)
 
     def embed(self, name: str, p: str | None) -> None:
-        self.axes[f"{name}.weight"] = (None, p)  # (vocab, hidden)
+        self.axes[f"{name}.weight"] = (None, _axis(p, "out"))  # (vocab, hidden): each row a vector of features
 
     def vector(self, name: str, p: str | None) -> None:
-        self.axes[name] = (p,)
+        self.axes[name] = (_axis(p, "out"),)
 
     def tie(self, alias: str, source: str) -> None:
         self.ties[alias] = source
@@ -251,9 +293,11 @@ class _SpecBuilder:
 
 def _layer_weights(build: _SpecBuilder, names: FamilyNames, layer: str, i: int) -> None:
     attn, ff = f"attn.{i}", f"ff.{i}"
-    for projection in (names.query, names.key, names.value):
-        build.dense(f"{layer}.{projection}", attn, RESIDUAL)
-    build.dense(f"{layer}.{names.attention_out}", RESIDUAL, attn)
+    # keys meet queries in QKᵀ, so they read the qk subspace (M⁻ᵀ) while queries carry it (M)
+    build.dense(f"{layer}.{names.query}", Axis(attn, "out", "qk"), RESIDUAL)
+    build.dense(f"{layer}.{names.key}", Axis(attn, "in", "qk"), RESIDUAL)
+    build.dense(f"{layer}.{names.value}", Axis(attn, "out", "vo"), RESIDUAL)
+    build.dense(f"{layer}.{names.attention_out}", RESIDUAL, Axis(attn, "in", "vo"))
     build.norm(f"{layer}.{names.attention_norm}", RESIDUAL)
     build.dense(f"{layer}.{names.ff_in}", ff, RESIDUAL)
     build.dense(f"{layer}.{names.ff_out}", RESIDUAL, ff)
@@ -290,7 +334,7 @@ def _groups(config: Any) -> dict[str, PermGroup]:
     groups: dict[str, PermGroup] = {}
     for i in range(config.num_hidden_layers):
         groups[f"ff.{i}"] = PermGroup(f"ff.{i}", "ff", config.intermediate_size)
-        groups[f"attn.{i}"] = PermGroup(f"attn.{i}", "attn", config.hidden_size, heads)
+        groups[f"attn.{i}"] = PermGroup(f"attn.{i}", "attn", config.hidden_size, heads, ATTENTION_SUBSPACES)
     groups[RESIDUAL] = PermGroup(RESIDUAL, "res", config.hidden_size)
     return groups
 
@@ -302,6 +346,8 @@ def _points(config: Any, names: FamilyNames, prefix: str) -> dict[str, tuple[Fea
         layer = prefix + names.layer.format(i=i)
         points[f"ff.{i}"] = (FeaturePoint(f"{layer}.{names.ff_out}", "input"),)
         points[f"attn.{i}"] = (FeaturePoint(f"{layer}.{names.attention_out}", "input"),)
+        for projection, module in zip(ATTENTION_PROJECTIONS, (names.query, names.key, names.value)):
+            points[f"attn.{i}/{projection}"] = (FeaturePoint(f"{layer}.{module}", "output"),)
         residual += [
             FeaturePoint(f"{layer}.{names.attention_norm}", "output"),
             FeaturePoint(f"{layer}.{names.ff_norm}", "output"),

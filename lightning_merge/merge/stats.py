@@ -144,6 +144,12 @@ class PairStatistics:
         """Pearson correlation (d_a, d_b); dead or constant features give 0."""
         return correlation_from_moments([self.moments()])
 
+    def cross_moment(self) -> torch.Tensor:
+        """E[x_a x_bᵀ] (d_a, d_b), uncentred: what a least-squares map of B's features onto A's needs."""
+        if self.count.item() == 0:
+            raise DataError("no tokens were recorded for these statistics; feed at least one non-padding token")
+        return self.cross / self.count
+
 
 def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """Correlation of the point-averaged covariance: mean(cov) / sqrt(mean(var_a) ⊗ mean(var_b)).
@@ -178,7 +184,8 @@ class MergeStatistics:
 
     Args:
         spec: the `PermutationSpec` both models share.
-        groups: group names to keep statistics for (default: all).
+        groups: feature sets to keep statistics for, named as in ``spec.points``: a group's name, or one of an
+            attention group's projections such as ``attn.0/query`` (default: every group's matching features).
         device: where the float64 sums live.
         products: dtype of each block's products (see `PairStatistics`).
     """
@@ -192,14 +199,14 @@ class MergeStatistics:
     ) -> None:
         self.spec = spec
         self.groups = list(spec.groups if groups is None else groups)
-        unknown = [g for g in self.groups if g not in spec.groups]
+        unknown = [g for g in self.groups if g not in spec.points]
         if unknown:
-            known = ", ".join(spec.groups)
-            raise ConfigError(f"no group {unknown[0]!r} in the {spec.architecture} spec; known: {known}")
+            known = ", ".join(spec.points)
+            raise ConfigError(f"no feature set {unknown[0]!r} in the {spec.architecture} spec; known: {known}")
         self.points: dict[str, PairStatistics] = {}
         for group in self.groups:
             for point in spec.points[group]:
-                size = spec.groups[group].size
+                size = spec.feature_size(group)
                 self.points.setdefault(point.key, PairStatistics(size, device=device, products=products))
 
     def update_from_features(self, feats_a: Mapping[str, Mapping[str, torch.Tensor]], feats_b: Mapping) -> None:
@@ -217,7 +224,9 @@ class MergeStatistics:
         check_same_fields(self.spec.fields, spec.fields, "statistics and models")
         missing = [g for g in groups if g not in self.groups]
         if missing:
-            raise ConfigError(f"statistics hold no group {missing[0]!r}; record it (held: {', '.join(self.groups)})")
+            raise ConfigError(
+                f"statistics hold no feature set {missing[0]!r}; record it (held: {', '.join(self.groups)})"
+            )
 
     def merge(self, other: MergeStatistics) -> None:
         """Add another partial `MergeStatistics` of the same spec and groups in place."""
@@ -242,13 +251,18 @@ class MergeStatistics:
     def group_points(self, group: str) -> list[PairStatistics]:
         """The statistics of ``group``'s feature points, in spec order."""
         if group not in self.groups:
-            raise ConfigError(f"statistics hold no group {group!r}; held: {', '.join(self.groups)}")
+            raise ConfigError(f"statistics hold no feature set {group!r}; held: {', '.join(self.groups)}")
         return [self.points[point.key] for point in self.spec.points[group]]
 
     def correlation(self, group: str, points: slice | None = None) -> torch.Tensor:
         """Correlation of ``group`` over the chosen points (default all; e.g. ``slice(0, 1)`` for the first)."""
         chosen = self.group_points(group)[points or slice(None)]
         return correlation_from_moments(stats.moments() for stats in chosen)
+
+    def cross_moment(self, features: str) -> torch.Tensor:
+        """E[x_a x_bᵀ] of a feature set, averaged over its points."""
+        chosen = self.group_points(features)
+        return sum(stats.cross_moment() for stats in chosen) / len(chosen)
 
     @property
     def token_count(self) -> int:

@@ -3,6 +3,7 @@
 `PairModule`'s validation loop runs models A and B on the same batches, so the `MergeCallback`'s hooks see both.
 `InterpolationModule` adds a test loop that evaluates every batch at every (method, λ) with the parameters
 θ(λ) = (1−λ)θ_A + λπ(θ_B) passed through ``torch.func.functional_call``: no model is rebuilt or copied per point.
+π is each method's alignment of B (`lightning_merge.merge.alignment`), whatever its kind.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch.func import functional_call
 from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
+from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments
 from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
-from lightning_merge.merge.permute import apply_permutations
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
 from lightning_merge.models import load_pretrained
 from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
@@ -129,31 +130,33 @@ class InterpolationModule(PairModule):
         self.lambdas = [float(x) for x in lambdas]
         check_lambdas(self.lambdas)
         self.objective = get_task(task).objective_class(self.model_a)
-        self.methods: dict[str, dict[str, Tensor]] = {}
+        self.methods: dict[str, dict[str, Alignment]] = {}
         self.curve_sums: CurveSums | None = None
         self.task_metrics = nn.ModuleList()
         self.results: dict | None = None
 
     def set_methods(
         self,
-        permutations: Mapping[str, Mapping[str, Tensor]],
+        alignments: Mapping[str, Mapping[str, Alignment]],
         task_metrics: torchmetrics.MetricCollection | None = None,
     ) -> None:
-        """Methods to evaluate: name -> permutations of model B (empty mapping: vanilla averaging).
+        """Methods to evaluate: name -> group -> alignment of model B (empty mapping: vanilla averaging).
 
         ``task_metrics`` (e.g. accuracy for a classifier) are cloned for every (method, λ) point.
         """
-        if not permutations:
+        if not alignments:
             raise ConfigError("no merge method to evaluate; pass at least one method")
-        self.methods = {name: dict(perms) for name, perms in permutations.items()}
+        for groups in alignments.values():
+            check_alignments(self.spec, groups)  # a bad alignment fails here, before any curve point
+        self.methods = {name: dict(groups) for name, groups in alignments.items()}
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
         points = len(self.methods) * len(self.lambdas)
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
     def endpoint_b(self, method: str) -> dict[str, Tensor]:
-        """π(θ_B): model B's parameters permuted by ``method``'s permutations, in A's neuron order."""
-        return apply_permutations(self.model_b.state_dict(), self.spec, self.methods[method])
+        """π(θ_B): model B's parameters aligned by ``method``, in A's basis."""
+        return apply_alignments(self.model_b.state_dict(), self.spec, self.methods[method])
 
     def interpolated(
         self, method: str, lam: float, permuted_b: Mapping[str, Tensor] | None = None
@@ -163,10 +166,15 @@ class InterpolationModule(PairModule):
         params_a = dict(self.model_a.named_parameters())  # tied aliases appear once
         return interpolate_state_dicts(params_a, {name: permuted_b[name] for name in params_a}, lam)
 
+    def mean_loss(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+        """The objective's mean loss on ``batch`` of model A's structure with ``params`` (differentiable)."""
+        output = functional_call(self.objective, {f"model.{k}": v for k, v in params.items()}, (dict(batch),))
+        return output[0] / output[1].clamp(min=1)
+
     @torch.no_grad()
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         for m, method in enumerate(self.methods):
-            permuted_b = self.endpoint_b(method)  # once per batch and method; O(params), cheap beside a forward
+            permuted_b = self.endpoint_b(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
                 self._evaluate_point(m, i, self.interpolated(method, lam, permuted_b), batch)
 

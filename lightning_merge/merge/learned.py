@@ -1,0 +1,144 @@
+"""Alignments learned against the loss of the interpolated model (plain PyTorch; the framework runs the loop).
+
+Git Re-Basin's straight-through estimator (Ainsworth et al., ICLR 2023, §3.3): a free estimate W̃ of B's aligned
+weights is trained; each step projects it onto the permutations of B (`weight_matching` of W̃ against B, warm-started
+from the last step's permutations), evaluates the model at θ(λ) = (1−λ)θ_A + λ·π(θ_B) with λ ~ U(λ_min, λ_max),
+and passes the loss's gradient through the projection to W̃ as if the projection were the identity. The result is
+always a permutation, so B stays exact.
+
+With ``linear_attention`` each attention head also gets two learned invertible maps on top of its permutation —
+T_qk (query rows; T_qk⁻ᵀ on key rows) and T_vo (value rows; T_vo⁻¹ on output columns) — parametrised as
+T = T₀·exp(A) so they stay invertible; gradients reach them directly, and the result is a `HeadLinear` alignment,
+exact for B as well. The head pairing stays the one the starting alignment chose.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+from lightning_merge.merge.alignment import Alignment, HeadLinear, Permutation, transform_state_dict
+from lightning_merge.merge.matching import head_pairing, whole_head_permutation
+from lightning_merge.merge.spec import ATTENTION_SUBSPACES, PermGroup, PermutationSpec
+from lightning_merge.merge.weight_matching import weight_matching
+
+LossFunction = Callable[[Mapping[str, torch.Tensor], Mapping], torch.Tensor]
+
+
+class LearnedAlignment(nn.Module):
+    """The trainable state of a learned alignment; ``forward(batch)`` is the loss of one step.
+
+    Args:
+        spec: the models' spec.
+        weights_a: A's parameters (by the names the loss function takes).
+        weights_b: B's parameters, same names, in B's own basis.
+        start: the alignment it starts from (group -> `Permutation` or `HeadLinear`); groups absent start as identity.
+        loss: (parameters, batch) -> mean loss of the model with those parameters.
+        linear_attention: learn per-head linear maps of the attention groups instead of permuting them.
+        lambdas: (λ_min, λ_max) of the uniform λ of each step.
+        seed: seeds λ and the visiting order of the projection.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        weights_a: Mapping[str, torch.Tensor],
+        weights_b: Mapping[str, torch.Tensor],
+        start: Mapping[str, Alignment],
+        loss: LossFunction,
+        linear_attention: bool = False,
+        lambdas: tuple[float, float] = (0.4, 0.6),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self._loss = loss  # a plain callable: the model behind it is not part of this module's parameters
+        self.names = [name for name in weights_a if torch.is_floating_point(weights_a[name])]
+        self.lambdas = lambdas
+        self.generator = torch.Generator().manual_seed(seed)
+        linear = spec.groups_of_kind(["attn"]) if linear_attention else []
+        self.permuted_groups = [name for name in spec.groups if name not in linear]
+        for i, name in enumerate(self.names):  # buffers follow the module to its device; not saved
+            self.register_buffer(f"a{i}", weights_a[name].detach().clone(), persistent=False)
+            self.register_buffer(f"b{i}", weights_b[name].detach().clone(), persistent=False)
+        starts = {g: starting_head_linear(start.get(g), spec.groups[g]) for g in linear}
+        self.head_perms = {g: starts[g].perm for g in linear}
+        self.start_maps = {(g, s): starts[g].maps[s] for g in linear for s in ATTENTION_SUBSPACES}
+        self.log_maps = nn.ParameterDict(  # exp(0) = I: training starts from the starting alignment
+            {_map_key(g, s): nn.Parameter(torch.zeros_like(m)) for (g, s), m in self.start_maps.items()}
+        )
+        self.perms = {g: Permutation(_perm_of(start.get(g), spec.groups[g])) for g in self.permuted_groups}
+        estimate = transform_state_dict(self._weights("b"), spec, {**self.perms, **self._maps(detach=True)})
+        aligned = [name for name in self.names if any(spec.axes.get(name, ()))]
+        self.estimate_names = aligned
+        self.estimate = nn.ParameterList([nn.Parameter(estimate[name].detach().clone()) for name in aligned])
+
+    def _weights(self, side: str) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, f"{side}{i}") for i, name in enumerate(self.names)}
+
+    def _maps(self, detach: bool = False) -> dict[str, HeadLinear]:
+        out = {}
+        for group, head_perm in self.head_perms.items():
+            maps = {}
+            for subspace in ATTENTION_SUBSPACES:
+                log_map = self.log_maps[_map_key(group, subspace)]
+                log_map = log_map.detach() if detach else log_map
+                start = self.start_maps[(group, subspace)].to(log_map.device, log_map.dtype)
+                maps[subspace] = start @ torch.linalg.matrix_exp(log_map)
+            out[group] = HeadLinear(head_perm, maps)
+        return out
+
+    def project(self) -> None:
+        """Move the permutations to the ones nearest the current estimate W̃ (weight matching, warm-started)."""
+        with torch.no_grad():
+            estimate = dict(zip(self.estimate_names, self.estimate))
+            self.perms = weight_matching(self.spec, estimate, self._weights("b"), groups=self.permuted_groups,
+                                         init=self.perms, fixed=self._maps(detach=True), generator=self.generator)
+
+    def forward(self, batch: Mapping) -> torch.Tensor:
+        """The loss of θ(λ) for a random λ, differentiable in W̃ (straight through) and in the per-head maps."""
+        self.project()
+        aligned_b = transform_state_dict(self._weights("b"), self.spec, {**self.perms, **self._maps()})
+        for name, estimate in zip(self.estimate_names, self.estimate):
+            aligned_b[name] = aligned_b[name] + (estimate - estimate.detach())  # value: projection; gradient: W̃
+        low, high = self.lambdas
+        lam = low + (high - low) * torch.rand((), generator=self.generator).item()
+        weights_a = self._weights("a")
+        params = {name: torch.lerp(weights_a[name], aligned_b[name], lam) for name in self.names}
+        return self._loss(params, batch)
+
+    def alignments(self) -> dict[str, Alignment]:
+        """The learned alignment: permutations of the permuted groups, `HeadLinear` of the linear ones."""
+        self.project()
+        maps = {g: HeadLinear(a.perm, {s: m.detach().cpu() for s, m in a.maps.items()})
+                for g, a in self._maps(detach=True).items()}
+        return {**{g: Permutation(p.perm.cpu()) for g, p in self.perms.items()}, **maps}
+
+
+def _map_key(group: str, subspace: str) -> str:
+    return f"{group.replace('.', '_')}_{subspace}"  # ParameterDict keys cannot hold dots
+
+
+def _perm_of(alignment: Alignment | None, group: PermGroup) -> torch.Tensor:
+    return torch.arange(group.size) if alignment is None else alignment.perm
+
+
+def starting_head_linear(alignment: Alignment | None, group: PermGroup) -> HeadLinear:
+    """A starting alignment of an attention group as whole-head pairing + per-head maps (float64).
+
+    A permutation's within-head order becomes per-head permutation matrices; a `HeadLinear` is kept as it is.
+    """
+    heads, head_dim = group.num_heads, group.head_dim
+    identity = torch.eye(head_dim, dtype=torch.float64).expand(heads, head_dim, head_dim)
+    if alignment is None:
+        return HeadLinear(torch.arange(group.size), {s: identity.clone() for s in ATTENTION_SUBSPACES})
+    if isinstance(alignment, HeadLinear):
+        maps = {s: alignment.maps.get(s, identity).double().clone() for s in ATTENTION_SUBSPACES}
+        return HeadLinear(alignment.perm, maps)
+    within = alignment.perm.reshape(heads, head_dim) % head_dim  # B's dim j of head h lands at position within[h]
+    gather = torch.zeros(heads, head_dim, head_dim, dtype=torch.float64)
+    gather.scatter_(2, within[:, :, None], 1.0)  # row j picks B's dim within[h][j]
+    head_perm = whole_head_permutation(head_pairing(alignment.perm, heads), head_dim)
+    return HeadLinear(head_perm, {s: gather.clone() for s in ATTENTION_SUBSPACES})

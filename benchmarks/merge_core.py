@@ -33,7 +33,8 @@ from transformers import BertForMaskedLM
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.alignment import apply_alignments, permutations
 from lightning_merge.merge.interpolate import interpolate_state_dicts
-from lightning_merge.merge.methods import FitInputs, get_method
+from lightning_merge.merge.method import FitInputs
+from lightning_merge.merge.methods import get_method
 from lightning_merge.merge.permute import random_permutations
 from lightning_merge.merge.spec import PermutationSpec, spec_for_model
 from lightning_merge.merge.stats import MergeStatistics

@@ -32,7 +32,8 @@ from transformers import BertForMaskedLM
 from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.features import FeatureRecorder
-from lightning_merge.merge.methods import FitInputs, get_method
+from lightning_merge.merge.method import FitInputs
+from lightning_merge.merge.methods import get_method
 from lightning_merge.merge.spec import spec_for_pair
 from lightning_merge.merge.stats import PRODUCT_DTYPES, MergeStatistics
 

@@ -1,4 +1,5 @@
-"""The study's report: the paper's three tables as mean ± standard error over seed pairs, plus curve plots."""
+"""The study's report: the paper's tables as mean ± standard error over seed pairs, every method the merges ran
+(beyond the paper's), and curve plots."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ RESIDUAL_ROWS = (
     ("full: FF + attn + residual", "ff+attn+res"),
 )
 TASK_METHODS = ("vanilla", "ff+attn+res")
+PAPER_FULL = "ff+attn+res"
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -40,11 +42,11 @@ def mean_se(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
-def _fmt(values: Sequence[float]) -> str:
+def _fmt(values: Sequence[float], digits: int = 3) -> str:
     if not values:
         return "–"
     mean, se = mean_se(values)
-    return f"{mean:.3f} ± {se:.3f}"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def load_pair_results(merge_dir: Path, seeds: Sequence[int]) -> dict[str, dict]:
@@ -89,6 +91,40 @@ def task_table(task_pairs: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines)
 
 
+def _methods(pairs: dict[str, dict]) -> list[str]:
+    """Every method the pairs' merges ran, in the order of the first pair's results."""
+    return list(next(iter(pairs.values()))["barriers"])
+
+
+def _removed(pairs: dict[str, dict], method: str) -> list[float]:
+    """Per pair, the share of vanilla's loss barrier that ``method`` removes (in %)."""
+    shares = []
+    for result in pairs.values():
+        vanilla, figures = result["barriers"].get("vanilla"), result["barriers"].get(method)
+        if vanilla and figures and vanilla["barrier"] > 0:
+            shares.append(100 * (1 - figures["barrier"] / vanilla["barrier"]))
+    return shares
+
+
+def _preserves(pairs: dict[str, dict], method: str) -> str:
+    info = next(iter(pairs.values())).get("methods", {}).get(method, {})
+    return {True: "yes", False: "no"}.get(info.get("function_preserving"), "–")
+
+
+def all_methods_table(pairs: dict[str, dict], title: str, metric: str | None = None) -> str:
+    """Every method the merges ran: loss barrier, % of vanilla's removed, metric drop, whether it preserves B."""
+    metric_head = f" {metric} drop |" if metric else ""
+    lines = [f"### {title}", "", f"| method | loss barrier | midpoint barrier | % of vanilla removed |{metric_head} "
+             "preserves B |", "|---|---:|---:|---:|" + ("---:|" if metric else "") + "---|"]
+    for method in _methods(pairs):
+        metric_cell = f" {_fmt(_column(pairs, method, f'{metric}_barrier'))} |" if metric else ""
+        removed = _fmt(_removed(pairs, method), digits=1)
+        lines.append(f"| `{method}` | {_fmt(_column(pairs, method, 'barrier'))} | "
+                     f"{_fmt(_column(pairs, method, 'barrier_midpoint'))} | {removed} |{metric_cell} "
+                     f"{_preserves(pairs, method)} |")
+    return "\n".join(lines)
+
+
 def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str], title: str) -> None:
     """Mean loss curve per method over pairs, with a ±1 standard-error band."""
     figure, axis = new_plot()
@@ -120,6 +156,9 @@ def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str]) -
     ]
     if task_pairs:
         sections.append(task_table(task_pairs))
+    sections.append(all_methods_table(mlm, "Every method (MLM), beyond the paper's"))
+    for task, pairs in task_pairs.items():
+        sections.append(all_methods_table(pairs, f"Every method ({task})", primary_metric(pairs)))
     plot_mean_curves(report_dir / "mlm_attention.png", mlm, [m for _, m in ATTENTION_ROWS], "MLM: attention variants")
     plot_mean_curves(report_dir / "mlm_residual.png", mlm, [m for _, m in RESIDUAL_ROWS], "MLM: residual variants")
     sections.append("![attention variants](mlm_attention.png)\n\n![residual variants](mlm_residual.png)")

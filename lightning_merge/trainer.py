@@ -12,24 +12,17 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import torchmetrics
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_merge.callbacks import MergeCallback
-from lightning_merge.errors import ConfigError, OutputExistsError
+from lightning_merge.errors import ConfigError, DataError, OutputExistsError
 from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
 from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.alignment import save_alignments
-from lightning_merge.merge.methods import (
-    LOSS,
-    STATISTICS,
-    WEIGHTS,
-    FitInputs,
-    MergeMethod,
-    TrainingLoss,
-    fit_methods,
-    get_method,
-)
+from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
+from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import product_dtype
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
@@ -145,6 +138,10 @@ class MergeTrainer(pl.Trainer):
         """Exactly what the methods declare they need: statistics (one pass for all), weights, a training loss."""
         needs = set().union(*(method.needs for method in methods.values()))
         statistics = None
+        if STATISTICS in needs and len(loader) == 0:
+            readers = ", ".join(name for name, method in methods.items() if STATISTICS in method.needs)
+            raise DataError(f"{readers} need activation statistics, but the statistics data is empty; give the "
+                            "datamodule text (or statistics_data), or use methods that need none, e.g. weight_matching")
         if STATISTICS in needs:
             features = [f for method in methods.values() for f in method.statistics_features(model.spec)]
             statistics = self._collect_statistics(model, datamodule, loader, list(dict.fromkeys(features)),
@@ -185,9 +182,9 @@ class MergeTrainer(pl.Trainer):
         """`TrainingLoss.optimise` for this merge: Lightning fits the method's module on the training batches,
         on this trainer's devices, precision and logger."""
 
-        def optimise(alignment: torch.nn.Module, steps: int, lr: float) -> None:
-            datamodule.setup("fit")
-            learner = AlignmentLearningModule(alignment, lr)
+        def optimise(alignment: torch.nn.Module, steps: int, lr: float, name: str) -> None:
+            batches = _training_batches(datamodule, name)
+            learner = AlignmentLearningModule(alignment, lr, name)
             trainer = pl.Trainer(
                 max_steps=steps, max_epochs=-1, accelerator=self.accelerator, devices=self.num_devices,
                 num_nodes=self.num_nodes, strategy="ddp" if self.world_size > 1 else "auto",
@@ -196,7 +193,7 @@ class MergeTrainer(pl.Trainer):
                 num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=self.log_every_n_steps,
                 default_root_dir=self.default_root_dir,
             )
-            trainer.fit(learner, train_dataloaders=datamodule.train_dataloader())
+            trainer.fit(learner, train_dataloaders=batches)
 
         return optimise
 
@@ -281,6 +278,19 @@ def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None, batc
     if callable(features):
         return _unrepeated(features(split=split, max_blocks=max_blocks), batch_size)
     return _first(datamodule.val_dataloader(), batch_size)
+
+
+def _training_batches(datamodule: Any, method: str) -> DataLoader:
+    """The datamodule's training loader for a learned method; one clear error when it has none."""
+    problem = f"method {method!r} trains on the datamodule's training batches, but"
+    datamodule.setup("fit")
+    try:
+        loader = datamodule.train_dataloader()
+    except (NotImplementedError, MisconfigurationException) as err:
+        raise DataError(f"{problem} it has none ({err}); give it a training split") from err
+    if len(loader) == 0:
+        raise DataError(f"{problem} its training split is empty; give it training text")
+    return loader
 
 
 def _task_metrics(datamodule: Any) -> torchmetrics.MetricCollection | None:

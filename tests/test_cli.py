@@ -145,6 +145,26 @@ def test_merge_with_unknown_statistics_dtype_is_one_line(fitted, tmp_path, capsy
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("methods", "message"),
+    [
+        ("['learned[steps=0]']", "method 'learned[steps=0]': steps=0 must be at least 1, e.g. learned[steps=1000]"),
+        ("['learned[steps=-3,attn=linear]']", "steps=-3 must be at least 1"),
+        ("['res[linear]']", "method 'res[linear]': group 'res' cannot take a linear alignment"),
+        ("['ff[linear]+attn[linear]']", "group 'ff' cannot take a linear alignment: the GELU"),
+        ("[vanilla, zipit]", "unknown merge method 'zipit'"),
+        ("['learned[init=attn[ignore_heads]]']", "must be a function-preserving, non-learned method"),
+    ],
+)
+def test_bad_method_is_one_line_before_any_model_loads(tmp_path, capsys, methods, message) -> None:
+    args = ["merge", "--config", str(ROOT / "configs/merge/mlm.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--model.init_args.model_a", str(tmp_path / "missing_a"), "--model.init_args.model_b", str(tmp_path),
+            "--methods", methods]
+    assert run_cli(args) == 2  # the missing models would fail next: the method is checked first
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and message in err[0], err
+
+
 def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
     import subprocess
     import sys

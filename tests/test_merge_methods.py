@@ -9,27 +9,16 @@ from torch.func import functional_call
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
+from lightning_merge.merge.activation_matching import PAPER, ActivationMatching
 from lightning_merge.merge.alignment import Permutation, apply_alignments, permutations
 from lightning_merge.merge.features import collect_statistics
 from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_grid, load_state_dict_tied, loss_barrier
-from lightning_merge.merge.methods import (
-    GIT_RE_BASIN,
-    LOSS,
-    METHODS,
-    PAPER,
-    STATISTICS,
-    WEIGHTS,
-    ActivationMatching,
-    FitInputs,
-    Learned,
-    MergeMethod,
-    TrainingLoss,
-    fit_methods,
-    get_method,
-    known_names,
-)
+from lightning_merge.merge.learned import Learned
+from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
+from lightning_merge.merge.methods import METHODS, fit_methods, get_method, known_names
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
+from lightning_merge.merge.weight_matching import GIT_RE_BASIN, WeightMatching
 from lightning_merge.objectives import MaskedLMObjective
 
 PERMUTATION_METHODS = ["permute", "ff", "ff+attn[monotonic]", "attn[ignore_heads]", "res[first]", "res[last]",
@@ -41,6 +30,7 @@ def test_named_and_parsed_methods():
     full = get_method("permute")
     assert (full.variants, full.reference, full.needs) == ({"ff": "", "attn": "head_perm", "res": "all"}, PAPER,
                                                             {STATISTICS})
+    assert get_method("ff+attn[linear]+res").reference.startswith(PAPER + "; Schönemann")
     assert get_method("ff+attn").canonical_name == "ff+attn[head_perm]"
     assert get_method("ff+attn[monotonic]").variants["attn"] == "monotonic"
     assert not get_method("ff+attn[ignore_heads]").function_preserving
@@ -54,6 +44,8 @@ def test_named_and_parsed_methods():
     assert (learned.options.steps, learned.options.lr, learned.init.name) == (20, 0.01, "ff+attn[linear]+res")
     assert set(METHODS) >= {"vanilla", "permute", "weight_matching", "learned"}
     assert learned.describe()["options"]["init"] == "ff+attn[linear]+res"
+    assert get_method("learned").init.name == "permute"  # the default start follows the attention mode
+    assert get_method("learned[attn=linear]").init.name == "ff+attn[linear]+res"
 
 
 @pytest.mark.parametrize(
@@ -77,6 +69,8 @@ def test_named_and_parsed_methods():
         ("learned[init=nothing]", UnknownNameError, "unknown merge method 'nothing'"),
         ("weight_matching+ff", UnknownNameError, "unknown merge method 'weight_matching\\+ff'"),
         ("vanilla[x=1]", UnknownNameError, "unknown option 'x=1'; options: none"),
+        ("ff[linear]+attn", ConfigError, "group 'ff' cannot take a linear alignment: the GELU .*; use ff$"),
+        ("res[linear]", ConfigError, "group 'res' cannot take a linear alignment: .*LayerNorm.*; use res\\[all"),
     ],
 )
 def test_bad_names_and_options_name_the_problem(name, error, message):
@@ -122,7 +116,7 @@ def plain_training(model: BertForMaskedLM) -> TrainingLoss:
         loss_sum, count = functional_call(objective, {f"model.{k}": v for k, v in params.items()}, (batch,))
         return loss_sum / count
 
-    def optimise(module: torch.nn.Module, steps: int, lr: float) -> None:
+    def optimise(module: torch.nn.Module, steps: int, lr: float, name: str) -> None:
         optimizer = torch.optim.Adam(module.parameters(), lr=lr)
         for step in range(steps):
             optimizer.zero_grad()
@@ -273,22 +267,22 @@ def test_fit_a_subset_of_groups(planted_pair):
 
 
 def test_fit_methods_solves_each_shared_assignment_once_and_fits_an_init_once(monkeypatch, planted_pair):
-    from lightning_merge.merge import methods as methods_module
+    from lightning_merge.merge import activation_matching
 
     model_a, model_b, spec, _, statistics = planted_pair
     names = ["vanilla", "ff", "ff+attn[monotonic]", "ff+attn[head_perm]", "res[first]", "res[all]", "permute",
-             "weight_matching", "learned[steps=1,lr=1e-9]"]
+             "weight_matching", "learned[init=weight_matching,steps=1,lr=1e-9]"]
     chosen = {name: get_method(name) for name in names}
     expected = {name: method.fit(fit_inputs(model_a, model_b, statistics)) for name, method in chosen.items()}
     solved = []
-    for kind, variants in methods_module.GROUP_ALIGNERS.items():
+    for kind, variants in activation_matching.GROUP_ALIGNERS.items():
         for variant, aligner in variants.items():
             counted = lambda stats, group, fit=aligner.fit: solved.append(group.name) or fit(stats, group)  # noqa: E731
-            monkeypatch.setitem(variants, variant, methods_module.GroupAligner(
+            monkeypatch.setitem(variants, variant, activation_matching.GroupAligner(
                 counted, aligner.features, aligner.function_preserving, aligner.summary))
     weight_fits = []
-    fit = methods_module.WeightMatching.fit
-    monkeypatch.setattr(methods_module.WeightMatching, "fit", lambda self, i: weight_fits.append(1) or fit(self, i))
+    fit = WeightMatching.fit
+    monkeypatch.setattr(WeightMatching, "fit", lambda self, i: weight_fits.append(1) or fit(self, i))
     timings: dict[str, float] = {}
     fitted = fit_methods(chosen, fit_inputs(model_a, model_b, statistics), timings)
     assert fitted.keys() == expected.keys() == timings.keys() and fitted["vanilla"] == {}

@@ -19,7 +19,8 @@ from lightning_merge.errors import SourceError
 from lightning_merge.merge.alignment import HeadLinear, apply_alignments, permutations
 from lightning_merge.merge.features import collect_statistics
 from lightning_merge.merge.interpolate import interpolate_state_dicts, loss_barrier
-from lightning_merge.merge.methods import FitInputs, get_method
+from lightning_merge.merge.method import FitInputs
+from lightning_merge.merge.methods import get_method
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
 

@@ -14,7 +14,7 @@ from lightning_merge.study_report import mean_se, write_study_report
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("vanilla", "ff", "ff+attn[head_perm]", "ff+attn[monotonic]", "ff+attn[ignore_heads]", "res[first]",
-           "res[last]", "res[all]", "ff+attn+res")
+           "res[last]", "res[all]", "ff+attn+res", "ff+attn[linear]+res", "learned[attn=linear]")
 
 
 def fake_results(barrier: float, metric: str | None = None) -> dict:
@@ -27,7 +27,8 @@ def fake_results(barrier: float, metric: str | None = None) -> dict:
         if metric:
             curves[method][metric] = [0.8, 0.8 - height / 10, 0.8]
             barriers[method][f"{metric}_barrier"] = height / 10
-    return {"lambdas": lambdas, "curves": curves, "barriers": barriers}
+    methods = {method: {"function_preserving": method != "ff+attn[ignore_heads]"} for method in METHODS}
+    return {"lambdas": lambdas, "curves": curves, "barriers": barriers, "methods": methods}
 
 
 class FakeLm:
@@ -117,11 +118,16 @@ def test_report_tables_have_every_row_filled(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(subprocess, "run", FakeLm())
     report = reproduce(str(tmp_path), [0, 1, 2], tasks=TASKS)
     text = (report / "report.md").read_text()
-    for heading in ("Table 1", "Table 2", "Table 3"):
+    for heading in ("Table 1", "Table 2", "Table 3", "Every method (MLM)", "Every method (rt_polarity)"):
         assert heading in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "method" not in line and "task" not in line]
     assert rows and all("–" not in row for row in rows)
     assert "rt_polarity (accuracy)" in text
+    every = text[text.index("Every method (MLM)"):text.index("Every method (rt_polarity)")]
+    assert "| `learned[attn=linear]` |" in every and "| `ff+attn[ignore_heads]` |" in every
+    assert every.count("| yes |") == len(METHODS) - 1 and every.count("| no |") == 1
+    linear_row = next(line for line in every.splitlines() if line.startswith("| `ff+attn[linear]+res`"))
+    assert " 90.0 ± 0.0 |" in linear_row  # 1 - (barrier / 10) / barrier of vanilla on every pair
     for png in ("mlm_attention.png", "mlm_residual.png", "rt_polarity.png"):
         assert (report / png).stat().st_size > 0
     assert set(json.loads((report / "pairs.json").read_text())) == {"mlm", "rt_polarity"}

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from lightning_merge.errors import ArchitectureMismatch, ConfigError, OutputExistsError, UnknownNameError
+from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, OutputExistsError, UnknownNameError
 from lightning_merge.merge.alignment import HeadLinear, Permutation, apply_alignments, load_alignments, permutations
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
@@ -156,6 +156,40 @@ def test_methods_without_statistics_skip_the_statistics_pass(tmp_path, permuted_
     results = trainer.merge(module, RandomTokens(), methods=["vanilla", "weight_matching"], export_method=None)
     assert batches.sizes == [] and "statistics_s" not in results["timings"]
     assert results["barriers"]["weight_matching"]["barrier"] <= 1e-4
+
+
+class NoFeatures(RandomTokens):
+    def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
+        return DataLoader([], batch_size=4)
+
+
+class NoTrainingSplit(pl.LightningDataModule):
+    """A datamodule with evaluation data only: nothing a learned method could train on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data = RandomTokens()
+        self.tokenizer = None
+
+    def features_dataloader(self, split: str = "train", max_blocks: int | None = None) -> DataLoader:
+        return self.data.features_dataloader(split, max_blocks)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.data.val_dataloader()
+
+
+def test_missing_statistics_or_training_data_names_the_method_and_the_fix(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
+    module = InterpolationModule(str(model_a), str(model_b))
+    with pytest.raises(DataError, match="^ff, permute need activation statistics, but the statistics data is empty.*"
+                                        "weight_matching"):
+        trainer.merge(module, NoFeatures(), methods=["vanilla", "ff", "permute", "weight_matching"], export_method=None)
+    with pytest.raises(DataError, match="method 'learned\\[init=weight_matching\\]' trains on the datamodule's "
+                                        "training batches, but it has none"):
+        trainer.merge(module, NoTrainingSplit(), methods=["learned[init=weight_matching]"], export_method=None)
+    assert not (tmp_path / "run" / "barriers.json").exists()
 
 
 def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:

@@ -14,7 +14,8 @@ from lightning_merge.merge.alignment import (
 )
 from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
 from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_grid, load_state_dict_tied, loss_barrier
-from lightning_merge.merge.methods import METHODS, FitInputs, MergeMethod, fit_methods, get_method
+from lightning_merge.merge.method import FitInputs, MergeMethod
+from lightning_merge.merge.methods import METHODS, fit_methods, get_method
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import Axis, PermutationSpec, bert_spec, spec_for_model, spec_for_pair
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics

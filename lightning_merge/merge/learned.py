@@ -1,4 +1,4 @@
-"""Alignments learned against the loss of the interpolated model (plain PyTorch; the framework runs the loop).
+"""`learned`: alignments learned against the interpolated model's loss (plain PyTorch; the framework runs the loop).
 
 Git Re-Basin's straight-through estimator (Ainsworth et al., ICLR 2023, §3.3): a free estimate W̃ of B's aligned
 weights is trained; each step projects it onto the permutations of B (`weight_matching` of W̃ against B, warm-started
@@ -15,16 +15,29 @@ exact for B as well. The head pairing stays the one the starting alignment chose
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import Alignment, HeadLinear, Permutation, transform_state_dict
 from lightning_merge.merge.matching import head_pairing, whole_head_permutation
+from lightning_merge.merge.method import LOSS, WEIGHTS, FitInputs, MergeMethod
 from lightning_merge.merge.spec import ATTENTION_SUBSPACES, PermGroup, PermutationSpec
 from lightning_merge.merge.weight_matching import weight_matching
 
+LEARNED = (
+    "Ainsworth et al., Git Re-Basin, ICLR 2023 (straight-through estimator), as used by Theus et al., Generalized "
+    "Linear Mode Connectivity for Transformers, NeurIPS 2025, https://arxiv.org/abs/2506.22712"
+)
+
 LossFunction = Callable[[Mapping[str, torch.Tensor], Mapping], torch.Tensor]
+# Coordinate-descent passes of the projection per training step. Warm-started from the last step's permutations,
+# which W̃ has moved only slightly from, one pass is nearly always converged; it is the step's main cost beside the
+# forward and backward pass. The final projection (`alignments`) runs to convergence.
+PASSES_PER_STEP = 1
 
 
 class LearnedAlignment(nn.Module):
@@ -90,12 +103,14 @@ class LearnedAlignment(nn.Module):
             out[group] = HeadLinear(head_perm, maps)
         return out
 
-    def project(self) -> None:
+    def project(self, max_passes: int = PASSES_PER_STEP) -> None:
         """Move the permutations to the ones nearest the current estimate W̃ (weight matching, warm-started)."""
         with torch.no_grad():
             estimate = dict(zip(self.estimate_names, self.estimate))
-            self.perms = weight_matching(self.spec, estimate, self._weights("b"), groups=self.permuted_groups,
-                                         init=self.perms, fixed=self._maps(detach=True), generator=self.generator)
+            self.perms = weight_matching(
+                self.spec, estimate, self._weights("b"), groups=self.permuted_groups, init=self.perms,
+                fixed=self._maps(detach=True), max_passes=max_passes, generator=self.generator,
+            )
 
     def forward(self, batch: Mapping) -> torch.Tensor:
         """The loss of θ(λ) for a random λ, differentiable in W̃ (straight through) and in the per-head maps."""
@@ -111,7 +126,7 @@ class LearnedAlignment(nn.Module):
 
     def alignments(self) -> dict[str, Alignment]:
         """The learned alignment: permutations of the permuted groups, `HeadLinear` of the linear ones."""
-        self.project()
+        self.project(max_passes=100)
         maps = {g: HeadLinear(a.perm, {s: m.detach().cpu() for s, m in a.maps.items()})
                 for g, a in self._maps(detach=True).items()}
         return {**{g: Permutation(p.perm.cpu()) for g, p in self.perms.items()}, **maps}
@@ -142,3 +157,63 @@ def starting_head_linear(alignment: Alignment | None, group: PermGroup) -> HeadL
     gather.scatter_(2, within[:, :, None], 1.0)  # row j picks B's dim within[h][j]
     head_perm = whole_head_permutation(head_pairing(alignment.perm, heads), head_dim)
     return HeadLinear(head_perm, {s: gather.clone() for s in ATTENTION_SUBSPACES})
+
+
+class Learned(MergeMethod):
+    """B's permutations (and, with ``attn=linear``, per-head linear maps) learned against the loss of the
+    interpolated model, by Git Re-Basin's straight-through estimator, starting from another method's alignment."""
+
+    reference = LEARNED
+    summary = "straight-through permutations (+ per-head linear maps) trained on the interpolated model's loss"
+
+    @dataclass(frozen=True)
+    class Options:
+        init: str = ""  # the method it starts from; "": permute, or ff+attn[linear]+res with attn=linear
+        steps: int = 500
+        lr: float = 3e-3
+        attn: str = "perm"  # "perm": heads permuted; "linear": per-head invertible maps learned too
+        lambda_min: float = 0.4  # λ of each step ~ U(lambda_min, lambda_max)
+        lambda_max: float = 0.6
+        seed: int = 0
+
+    # attention mode -> the starting method when ``init`` is not given
+    ATTENTION_MODES = {"perm": "permute", "linear": "ff+attn[linear]+res"}
+
+    def __init__(self, name: str, options: Any = None) -> None:
+        super().__init__(name, options)
+        opts = self.options
+        if opts.steps < 1:
+            raise ConfigError(f"method {name!r}: steps={opts.steps} must be at least 1, e.g. learned[steps=1000]")
+        if opts.lr <= 0:
+            raise ConfigError(f"method {name!r}: lr={opts.lr} must be positive, e.g. learned[lr=0.003]")
+        if opts.attn not in self.ATTENTION_MODES:
+            raise ConfigError(f"method {name!r}: attn={opts.attn!r}; choose one of {', '.join(self.ATTENTION_MODES)}")
+        if not 0 <= opts.lambda_min <= opts.lambda_max <= 1:
+            raise ConfigError(f"method {name!r}: need 0 <= lambda_min <= lambda_max <= 1")
+        from lightning_merge.merge.methods import get_method  # the registry imports this module
+
+        self.init = get_method(opts.init or self.ATTENTION_MODES[opts.attn])
+        if isinstance(self.init, Learned) or not self.init.function_preserving:
+            raise ConfigError(f"method {name!r}: init={opts.init!r} must be a function-preserving, non-learned method")
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return self.init.needs | {WEIGHTS, LOSS}
+
+    @property
+    def function_preserving(self) -> bool:
+        return True
+
+    def statistics_features(self, spec: PermutationSpec) -> list[str]:
+        return self.init.statistics_features(spec)
+
+    def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
+        opts = self.options
+        weights_a, weights_b = inputs.weights
+        training = inputs.training
+        module = LearnedAlignment(
+            inputs.spec, weights_a, weights_b, inputs.alignments_of(self.init), training.loss,
+            linear_attention=opts.attn == "linear", lambdas=(opts.lambda_min, opts.lambda_max), seed=opts.seed,
+        )
+        training.optimise(module, opts.steps, opts.lr, self.name)
+        return module.alignments()

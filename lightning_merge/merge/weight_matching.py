@@ -1,4 +1,4 @@
-"""Data-free weight matching (Ainsworth et al., Git Re-Basin, ICLR 2023, §3.2), over any spec's groups.
+"""`weight_matching`: data-free weight matching (Ainsworth et al., Git Re-Basin, ICLR 2023, §3.2) over a spec.
 
 Permutations of B are chosen to maximise Σ_w ⟨W_a, π(W_b)⟩ over every weight the spec describes. That is a sum of
 bilinear terms in the permutations of different groups, so it is solved by coordinate descent: for one group at a
@@ -12,12 +12,16 @@ result stays function-preserving; the residual stream is one group like any othe
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import torch
 
 from lightning_merge.merge.alignment import Alignment, Permutation, transform_tensor
 from lightning_merge.merge.matching import match_features, match_head_perm
+from lightning_merge.merge.method import WEIGHTS, FitInputs, MergeMethod
 from lightning_merge.merge.spec import PermutationSpec
+
+GIT_RE_BASIN = "Ainsworth et al., Git Re-Basin, ICLR 2023, https://arxiv.org/abs/2209.04836"
 
 # A pass counts as progress only when it raises the objective by more than this (relative to its size): without
 # it, float ties could make two assignments alternate forever.
@@ -69,12 +73,16 @@ def _starting_perms(spec: PermutationSpec, names: list[str], init: Mapping[str, 
 def _terms(
     spec: PermutationSpec, group: str, weights_a: Mapping[str, torch.Tensor], weights_b: Mapping[str, torch.Tensor]
 ) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
-    """(weight, axis, A's weight, B's weight) for every axis ``group`` acts on; tied aliases count once."""
+    """(weight, axis, A's weight, B's weight) in float64 for every axis ``group`` acts on; tied aliases count once."""
     return [
-        (weight, index, weights_a[weight].detach(), weights_b[weight].detach())
+        (weight, index, _float64(weights_a[weight]), _float64(weights_b[weight]))
         for weight, index in spec.group_axes[group]
         if weight not in spec.ties and weight in weights_a
     ]
+
+
+def _float64(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.float64)
 
 
 def _improve_group(spec: PermutationSpec, group: str, terms: list, current: dict[str, Alignment]) -> bool:
@@ -100,7 +108,27 @@ def _similarity(spec: PermutationSpec, group: str, terms: list, current: Mapping
     total = torch.zeros(size, size, dtype=torch.float64)
     for weight, index, tensor_a, tensor_b in terms:
         aligned_b = transform_tensor(tensor_b, spec.axes[weight], current, skip=group)
-        rows_a = tensor_a.movedim(index, 0).reshape(size, -1).to("cpu", torch.float64)
-        rows_b = aligned_b.movedim(index, 0).reshape(size, -1).to("cpu", torch.float64)
+        rows_a = tensor_a.movedim(index, 0).reshape(size, -1)
+        rows_b = aligned_b.movedim(index, 0).reshape(size, -1)
         total.addmm_(rows_a, rows_b.T)
     return total
+
+
+class WeightMatching(MergeMethod):
+    """Git Re-Basin's data-free weight matching over every group of the spec (residual stream included)."""
+
+    reference = GIT_RE_BASIN
+    summary = "data-free: maximise Σ⟨W_a, π(W_b)⟩ by coordinate descent over the groups"
+    needs = frozenset({WEIGHTS})
+    function_preserving = True
+
+    @dataclass(frozen=True)
+    class Options:
+        max_passes: int = 100
+        seed: int = 0
+
+    def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
+        weights_a, weights_b = inputs.weights
+        generator = torch.Generator().manual_seed(self.options.seed)
+        return dict(weight_matching(inputs.spec, weights_a, weights_b, max_passes=self.options.max_passes,
+                                    generator=generator))

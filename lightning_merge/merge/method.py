@@ -1,0 +1,177 @@
+"""The merge-method interface: what a method declares it needs, and the inputs the framework gives it.
+
+A method is one class (a `MergeMethod` subclass) in its own module, plus one entry in the registry
+(`lightning_merge.merge.methods.METHODS`). It declares what ``fit`` reads — activation statistics, the models'
+weights, a loss over training batches (`STATISTICS`, `WEIGHTS`, `LOSS`) — and the framework builds a `FitInputs`
+holding exactly that: reading anything undeclared fails, so a declaration cannot silently fall out of date.
+``fit`` returns one `Alignment` per spec group it aligns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lightning_merge.errors import ConfigError
+from lightning_merge.merge.alignment import Alignment
+from lightning_merge.merge.spec import PermutationSpec
+from lightning_merge.merge.stats import MergeStatistics
+
+VANILLA = "Frankle et al., Linear Mode Connectivity and the Lottery Ticket Hypothesis, https://arxiv.org/abs/1912.05671"
+
+STATISTICS, WEIGHTS, LOSS = "statistics", "weights", "loss"
+
+StateDict = Mapping[str, torch.Tensor]
+# Threads that solve independent assignments at once. Each holds a float64 d x d correlation (72 MiB for BERT-base's
+# FF), so a few threads, not one per core.
+MATCHING_WORKERS = min(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class TrainingLoss:
+    """What the framework gives a method that needs a loss over training batches.
+
+    Attributes:
+        loss: (parameters of model A's structure, batch) -> mean loss of the model with those parameters.
+        optimise: runs ``module(batch) -> loss`` over training batches for ``steps`` optimiser steps at learning
+            rate ``lr``, updating the module's parameters (with the framework's progress bar and logger, which logs
+            under the method's ``name``).
+    """
+
+    loss: Callable[[Mapping[str, torch.Tensor], Mapping[str, Any]], torch.Tensor]
+    optimise: Callable[[nn.Module, int, float, str], None]
+
+
+class FitInputs:
+    """Everything a method may need, of which it is given only what it declared (`MergeMethod.needs`).
+
+    Args:
+        spec: the models' spec.
+        weights_a: A's weights (state dict), given to methods that need ``WEIGHTS``.
+        weights_b: B's weights.
+        statistics: activation statistics, for methods that need ``STATISTICS``.
+        training: the loss and optimiser, for methods that need ``LOSS``.
+        workers: threads for independent assignments.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        weights_a: StateDict | None = None,
+        weights_b: StateDict | None = None,
+        statistics: MergeStatistics | None = None,
+        training: TrainingLoss | None = None,
+        workers: int = MATCHING_WORKERS,
+    ) -> None:
+        self.spec = spec
+        self._given = {WEIGHTS: (weights_a, weights_b), STATISTICS: statistics, LOSS: training}
+        self._pool = ThreadPoolExecutor(max(1, workers))
+        self._lock = threading.Lock()
+        self._shared: dict[Any, Future] = {}
+
+    def close(self) -> None:
+        """Stop the worker threads and drop every input and shared result (the statistics are large)."""
+        self._pool.shutdown()
+        self._given = {need: None for need in self._given}
+        self._shared.clear()
+
+    def _require(self, need: str) -> Any:
+        value = self._given[need]
+        if value is None or value == (None, None):
+            raise ConfigError(f"this fit was given no {need}; a method that reads them must declare {need!r} in needs")
+        return value
+
+    @property
+    def statistics(self) -> MergeStatistics:
+        return self._require(STATISTICS)
+
+    @property
+    def weights(self) -> tuple[StateDict, StateDict]:
+        """(A's weights, B's weights)."""
+        return self._require(WEIGHTS)
+
+    @property
+    def training(self) -> TrainingLoss:
+        return self._require(LOSS)
+
+    def shared(self, key: Any, compute: Callable[[], Any]) -> Future:
+        """A future of ``compute()``, computed once per ``key`` on the worker threads (work methods share)."""
+        with self._lock:
+            if key not in self._shared:
+                self._shared[key] = self._pool.submit(compute)
+            return self._shared[key]
+
+    def alignments_of(self, method: MergeMethod) -> dict[str, Alignment]:
+        """``method.fit(self)``, fitted once per method name however many methods start from it."""
+        key = ("method", method.name)
+        with self._lock:
+            cached = self._shared.get(key)
+        if cached is None:  # fitted on this thread: a method's fit may itself wait on the worker threads
+            cached = Future()
+            cached.set_result(method.fit(self))
+            with self._lock:
+                self._shared.setdefault(key, cached)
+        return cached.result()
+
+
+class MergeMethod(ABC):
+    """A merge method: what it needs, and how it fits one alignment per spec group from that.
+
+    Subclasses set ``reference`` (the paper it implements) and ``summary``, and may declare ``Options`` (a
+    dataclass whose fields are the ``name[key=value]`` options, each with a default).
+    """
+
+    reference: ClassVar[str]
+    summary: ClassVar[str]
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def __init__(self, name: str, options: Any = None) -> None:
+        self.name = name
+        self.options = options if options is not None else self.Options()
+
+    @property
+    @abstractmethod
+    def needs(self) -> frozenset[str]:
+        """Which of `STATISTICS`, `WEIGHTS`, `LOSS` its ``fit`` reads."""
+
+    @property
+    @abstractmethod
+    def function_preserving(self) -> bool:
+        """Whether its alignments leave model B's function unchanged (tests check it against the alignments)."""
+
+    def statistics_features(self, spec: PermutationSpec) -> list[str]:
+        """The feature sets (names in ``spec.points``) whose statistics ``fit`` reads; empty without `STATISTICS`."""
+        return []
+
+    @abstractmethod
+    def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
+        """One alignment of B per group it aligns (groups it leaves alone are absent)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the outputs record about it: reference, needs, whether it preserves B, its options."""
+        return {"reference": self.reference, "needs": sorted(self.needs),
+                "function_preserving": self.function_preserving, "options": dataclasses.asdict(self.options)}
+
+
+class Vanilla(MergeMethod):
+    """No alignment: θ(λ) interpolates A and B as they are."""
+
+    reference = VANILLA
+    summary = "plain averaging, no alignment"
+    needs = frozenset()
+    function_preserving = True
+
+    def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
+        return {}

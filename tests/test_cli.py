@@ -99,6 +99,7 @@ def test_merge_subcommand_writes_every_output(fitted, tmp_path) -> None:
         "--data.init_args.source.train_files", str(fitted / "corpus.txt"),
         "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
         "--methods", "[vanilla, ff+attn+res, weight_matching, 'ff+attn[linear]+res', 'learned[steps=2,attn=linear]']",
+        "--export_method", "learned[steps=2,attn=linear]",
     ]
     assert run_cli(args) == 0
     for name in ("alignments.safetensors", "curves.csv", "barriers.json", "barrier.png", "merged/config.json"):

@@ -82,7 +82,7 @@ def _terms(
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to("cpu", torch.float64)
+    return tensor.detach().to(torch.float64)  # on its own device: a GPU forms the similarities, scipy assigns on CPU
 
 
 def _improve_group(spec: PermutationSpec, group: str, terms: list, current: dict[str, Alignment]) -> bool:
@@ -105,13 +105,13 @@ def _improve_group(spec: PermutationSpec, group: str, terms: list, current: dict
 def _similarity(spec: PermutationSpec, group: str, terms: list, current: Mapping[str, Alignment]) -> torch.Tensor:
     """Σ over the group's axes of A's slices against B's slices (B aligned on every other axis): (d_a, d_b)."""
     size = spec.groups[group].size
-    total = torch.zeros(size, size, dtype=torch.float64)
+    total = None
     for weight, index, tensor_a, tensor_b in terms:
         aligned_b = transform_tensor(tensor_b, spec.axes[weight], current, skip=group)
         rows_a = tensor_a.movedim(index, 0).reshape(size, -1)
         rows_b = aligned_b.movedim(index, 0).reshape(size, -1)
-        total.addmm_(rows_a, rows_b.T)
-    return total
+        total = rows_a @ rows_b.T if total is None else total.addmm_(rows_a, rows_b.T)
+    return total.cpu()
 
 
 class WeightMatching(MergeMethod):

@@ -2,7 +2,8 @@
 
 For each preset (random-init models, or two given HF checkpoints) one fresh subprocess runs the real merge pipeline
 (`MergeTrainer.merge` on an `InterpolationModule`) over synthetic token blocks, so peak memory is that preset's alone.
-Reported per preset: seconds per phase, feature tokens/s (both models), the cost of one (method, λ) curve point
+Reported per preset: seconds per phase, each method's fit time (next to the statistics pass it may share), feature
+tokens/s (both models), the cost of one (method, λ) curve point
 against one plain forward pass over the same evaluation data, and peak memory (RSS over the process's before the
 models load, sampled every 5 ms on CPU; max allocated on GPU) overall and per phase (statistics, matching, curves),
 against the two models' parameter memory and the float64 statistics' bytes. The random-init checkpoints are written
@@ -72,6 +73,7 @@ class SyntheticBlocks(pl.LightningDataModule):
         return DataLoader(TensorDictDataset(self.evaluation), batch_size=self.batch_size)
 
     test_dataloader = val_dataloader
+    train_dataloader = val_dataloader  # what learned methods train on
 
 
 STATM = Path("/proc/self/statm")
@@ -228,6 +230,7 @@ def run_one(args: argparse.Namespace) -> dict:
         # the merge's peak: RSS, and RSS over the process's before loading the models (CPU); max allocated (GPU)
         "peak_mib": peak / 2**20,
         "peak_over_baseline_mib": (peak - baseline) / 2**20,
+        "fit_s": t.get("fit_s", {}),  # per method; work shared between methods counts for the first that needs it
     }
 
 
@@ -246,6 +249,17 @@ def table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
         lines.append("| " + " | ".join(fmt.format(row[name]) for name, fmt in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def fit_table(rows: list[dict]) -> str:
+    """Each method's fit seconds per preset, beside the statistics pass (shared by the methods that read it)."""
+    methods = list(dict.fromkeys(m for row in rows for m in row["fit_s"]))
+    lines = ["| preset | statistics_s | " + " | ".join(f"fit `{m}` s" for m in methods) + " |",
+             "|" + "---|" * (len(methods) + 2)]
+    for row in rows:
+        cells = [f"{row['fit_s'][m]:.2f}" if m in row["fit_s"] else "" for m in methods]
+        lines.append(f"| {row['preset']} | {row['statistics_s']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -295,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     info = {"machine": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     atomic_write_text(args.output, json.dumps({"info": info, "args": vars(args) | {"output": str(args.output)},
                                                "rows": rows}, indent=2) + "\n")
-    print(f"\n{table(rows)}\n\nwritten to {args.output}")
+    print(f"\n{table(rows)}\n\n{fit_table(rows)}\n\nwritten to {args.output}")
 
 
 if __name__ == "__main__":

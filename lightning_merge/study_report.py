@@ -29,7 +29,6 @@ RESIDUAL_ROWS = (
     ("full: FF + attn + residual", "ff+attn+res"),
 )
 TASK_METHODS = ("vanilla", "ff+attn+res")
-PAPER_FULL = "ff+attn+res"
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -95,14 +96,17 @@ class MergeTrainer(pl.Trainer):
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, Any] = {}
-        if statistics_data is not None:
-            statistics_data.setup("validate")
-            model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
-        statistics = _statistics_loader(
-            statistics_data or datamodule, statistics_split, statistics_max_blocks, statistics_batch_size
-        )
+
+        def statistics_loader() -> Any:  # built only if a method reads statistics
+            if statistics_data is not None:
+                statistics_data.setup("validate")
+                model.check_tokenizer(getattr(statistics_data, "tokenizer", None))
+            return _statistics_loader(
+                statistics_data or datamodule, statistics_split, statistics_max_blocks, statistics_batch_size
+            )
+
         inputs = self._fit_inputs(
-            model, datamodule, statistics, chosen, exclude_special_tokens, statistics_dtype, timings
+            model, datamodule, statistics_loader, chosen, exclude_special_tokens, statistics_dtype, timings
         )
         alignments = self._fit_alignments(model, chosen, inputs, timings)
         model.set_methods(alignments, _task_metrics(datamodule))
@@ -132,23 +136,37 @@ class MergeTrainer(pl.Trainer):
         return chosen
 
     def _fit_inputs(
-        self, model: InterpolationModule, datamodule: Any, loader: Any, methods: Mapping[str, MergeMethod],
-        exclude_special: bool, statistics_dtype: str, timings: dict,
+        self, model: InterpolationModule, datamodule: Any, statistics_loader: Callable[[], Any],
+        methods: Mapping[str, MergeMethod], exclude_special: bool, statistics_dtype: str, timings: dict,
     ) -> FitInputs:
-        """Exactly what the methods declare they need: statistics (one pass for all), weights, a training loss."""
+        """Exactly what the methods declare they need: statistics (one pass for all), weights, a training loss.
+
+        Missing data fails here, naming the methods that need it, before any statistics pass or fit."""
         needs = set().union(*(method.needs for method in methods.values()))
+        learners = [name for name, method in methods.items() if LOSS in method.needs]
+        training = None
+        if learners:
+            self._check_learning_strategy(learners[0])
+            _training_batches(datamodule, learners[0])
+            training = TrainingLoss(model.mean_loss, self._optimiser(datamodule))
         statistics = None
-        if STATISTICS in needs and len(loader) == 0:
-            readers = ", ".join(name for name, method in methods.items() if STATISTICS in method.needs)
-            raise DataError(f"{readers} need activation statistics, but the statistics data is empty; give the "
-                            "datamodule text (or statistics_data), or use methods that need none, e.g. weight_matching")
         if STATISTICS in needs:
+            loader = statistics_loader()
+            if len(loader) == 0:
+                readers = ", ".join(name for name, method in methods.items() if STATISTICS in method.needs)
+                raise DataError(f"{readers} need activation statistics, but the statistics data is empty; give the "
+                                "datamodule text (or statistics_data), or use methods that need none, e.g. "
+                                "weight_matching")
             features = [f for method in methods.values() for f in method.statistics_features(model.spec)]
             statistics = self._collect_statistics(model, datamodule, loader, list(dict.fromkeys(features)),
                                                   exclude_special, statistics_dtype, timings)
         weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
-        training = TrainingLoss(model.mean_loss, self._optimiser(datamodule)) if LOSS in needs else None
         return FitInputs(model.spec, *weights, statistics=statistics, training=training)
+
+    def _check_learning_strategy(self, method: str) -> None:
+        if self.world_size > 1 and not isinstance(self.strategy, DDPStrategy):
+            raise ConfigError(f"method {method!r} trains with DDP when it runs on several devices; run the merge with "
+                              f"--trainer.strategy ddp (not {type(self.strategy).__name__})")
 
     def _collect_statistics(
         self, model: InterpolationModule, datamodule: Any, loader: Any, features: list[str], exclude_special: bool,
@@ -178,24 +196,27 @@ class MergeTrainer(pl.Trainer):
         timings.update(matching_s=time.perf_counter() - start, fit_s=fit_seconds)
         return alignments
 
-    def _optimiser(self, datamodule: Any):
+    def _optimiser(self, datamodule: Any) -> Callable[[torch.nn.Module, int, float, str], None]:
         """`TrainingLoss.optimise` for this merge: Lightning fits the method's module on the training batches,
-        on this trainer's devices, precision and logger."""
+        on this trainer's devices, strategy, precision and logger."""
 
         def optimise(alignment: torch.nn.Module, steps: int, lr: float, name: str) -> None:
-            batches = _training_batches(datamodule, name)
             learner = AlignmentLearningModule(alignment, lr, name)
             trainer = pl.Trainer(
-                max_steps=steps, max_epochs=-1, accelerator=self.accelerator, devices=self.num_devices,
+                max_steps=steps, max_epochs=-1, accelerator=self.accelerator, devices=self._device_request(),
                 num_nodes=self.num_nodes, strategy="ddp" if self.world_size > 1 else "auto",
-                precision=self.precision, logger=self.logger or False, enable_checkpointing=False,
-                enable_model_summary=False, enable_progress_bar=self.progress_bar_callback is not None,
-                num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=self.log_every_n_steps,
-                default_root_dir=self.default_root_dir,
+                precision=_learning_precision(self.precision), logger=self.logger or False,
+                enable_checkpointing=False, enable_model_summary=False,
+                enable_progress_bar=self.progress_bar_callback is not None, num_sanity_val_steps=0,
+                limit_val_batches=0, log_every_n_steps=self.log_every_n_steps, default_root_dir=self.default_root_dir,
             )
-            trainer.fit(learner, train_dataloaders=batches)
+            trainer.fit(learner, train_dataloaders=_training_batches(datamodule, name))
 
         return optimise
+
+    def _device_request(self) -> int | list[int]:
+        """This trainer's devices as a new Trainer takes them: the same GPU indices; a count on the CPU."""
+        return self.device_ids if self.strategy.root_device.type == "cuda" else self.num_devices
 
     @rank_zero_only
     def _write_outputs(
@@ -278,6 +299,11 @@ def _statistics_loader(datamodule: Any, split: str, max_blocks: int | None, batc
     if callable(features):
         return _unrepeated(features(split=split, max_blocks=max_blocks), batch_size)
     return _first(datamodule.val_dataloader(), batch_size)
+
+
+def _learning_precision(precision: str) -> str:
+    """A learned alignment's maps and inverses need float32 at least: half-precision-only runs learn in float32."""
+    return "32-true" if str(precision) in ("16-true", "bf16-true", "16", "bf16") else precision
 
 
 def _training_batches(datamodule: Any, method: str) -> DataLoader:

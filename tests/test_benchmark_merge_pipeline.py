@@ -18,11 +18,14 @@ def test_one_preset_reports_time_and_memory_of_every_phase(merge_pipeline, tmp_p
     args = merge_pipeline.parse_args(
         ["--feature-tokens", "512", "--eval-tokens", "256", "--batch-size", "2", "--lambdas", "3",
          "--statistics-batch-size", "1", "--vocab", "64", "--accelerator", "cpu",
-         "--preset", "tiny", "--model-a", model_a, "--model-b", model_b]
+         "--preset", "tiny", "--model-a", model_a, "--model-b", model_b,
+         "--methods", "vanilla", "ff+attn+res", "weight_matching", "learned[attn=linear,steps=2]"]
     )
     row = merge_pipeline.run_one(args)
     assert row["feature_tokens"] == 512 and row["eval_tokens"] == 256 and row["statistics_batch_size"] == 1
-    assert row["curve_points"] == 2 * 3  # vanilla and ff+attn+res, three λ each
+    assert row["curve_points"] == 4 * 3  # four methods, three λ each
+    assert set(row["fit_s"]) == {"vanilla", "ff+attn+res", "weight_matching", "learned[attn=linear,steps=2]"}
+    assert "| fit `learned[attn=linear,steps=2]` s |" in merge_pipeline.fit_table([row])
     assert all(row[key] > 0 for key in ("statistics_s", "matching_s", "curves_s", "forward_s"))
     phases = [row[f"{phase}_peak_mib"] for phase in ("statistics", "matching", "curves")]
     assert all(not math.isnan(peak) for peak in phases)

@@ -247,9 +247,9 @@ def test_bad_head_linear_alignments():
         check_alignments(spec, {"attn.0": HeadLinear(torch.arange(group.size), {"vo": eye[:, :-1]})})
     with pytest.raises(ConfigError, match="no subspace 'xy'"):
         check_alignments(spec, {"attn.0": HeadLinear(torch.arange(group.size), {"xy": eye})})
-    res = HeadLinear(torch.arange(32), {"": torch.eye(8, dtype=torch.float64).repeat(4, 1, 1)})
+    # no BERT axis of an attention group is elementwise, but a family whose is must not be mapped silently
     with pytest.raises(ConfigError, match="cannot act on the elementwise axis"):
-        res.apply(torch.ones(32), 0, Axis("res", "norm"))
+        HeadLinear(torch.arange(group.size), {"qk": eye}).apply(torch.ones(group.size), 0, Axis("attn.0", "norm", "qk"))
 
 
 def test_alignments_save_and_load_every_kind(tmp_path):
@@ -278,6 +278,19 @@ def test_an_earlier_permutations_file_still_loads(tmp_path):
     loaded = load_alignments(tmp_path / "permutations.safetensors")
     assert list(loaded) == ["vanilla", "ff", "permute"] and loaded["vanilla"] == {}
     assert isinstance(loaded["ff"]["ff.0"], Permutation) and torch.equal(loaded["ff"]["ff.0"].perm, perm)
+
+
+def test_a_tensor_outside_the_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"ff/ff.0/perm": torch.arange(4), "ff/ff.1/perm": torch.arange(4)}, str(tmp_path / "a.safetensors"),
+              metadata={"methods": '["ff"]', "kinds": '{"ff/ff.0": "permutation"}'})
+    with pytest.raises(CheckpointError, match="tensor ff/ff.1/perm belongs to no alignment"):
+        load_alignments(tmp_path / "a.safetensors")
+    save_file({"ff/ff.0/perm": torch.arange(4)}, str(tmp_path / "b.safetensors"),
+              metadata={"methods": '["ff"]', "kinds": '{"ff/ff.0": "rotation"}'})
+    with pytest.raises(CheckpointError, match="unknown kind 'rotation' of ff/ff.0"):
+        load_alignments(tmp_path / "b.safetensors")
 
 
 def test_missing_or_corrupt_alignments_file(tmp_path):

@@ -62,7 +62,9 @@ def test_named_and_parsed_methods():
         ("learned[steps=ten]", ConfigError, "option steps='ten' is not a valid int"),
         ("learned[steps=0]", ConfigError, "steps=0 must be at least 1"),
         ("learned[steps=-5]", ConfigError, "steps=-5 must be at least 1"),
-        ("learned[lr=0]", ConfigError, "lr=0.0 must be positive"),
+        ("learned[lr=0]", ConfigError, "lr=0.0 must be a positive number"),
+        ("learned[lr=nan]", ConfigError, "lr=nan must be a positive number"),
+        ("learned[steps=2,steps=7]", ConfigError, "option 'steps' is given twice"),
         ("learned[attn=dense]", ConfigError, "attn='dense'; choose one of perm, linear"),
         ("learned[init=attn[ignore_heads]]", ConfigError, "must be a function-preserving, non-learned method"),
         ("learned[init=learned]", ConfigError, "must be a function-preserving, non-learned method"),
@@ -255,6 +257,23 @@ def test_a_method_gets_only_what_it_declared(planted_pair):
     with pytest.raises(ConfigError, match="given no loss"):
         weights = parameters(model_a), parameters(model_b)
         get_method("learned[init=permute]").fit(FitInputs(spec, *weights, statistics=statistics))
+
+
+def test_a_method_sees_only_what_it_declared_even_when_others_need_more(planted_pair):
+    model_a, model_b, spec, _, statistics = planted_pair
+
+    class Sneaky(MergeMethod):
+        reference = summary = "a test"
+        needs = frozenset({STATISTICS})
+        function_preserving = True
+
+        def fit(self, inputs: FitInputs) -> dict:
+            inputs.weights  # undeclared: given to the run for weight_matching, not to this method
+            return {}
+
+    inputs = fit_inputs(model_a, model_b, statistics)  # everything, as for a run with weight_matching in it
+    with pytest.raises(ConfigError, match="a method read weights without declaring 'weights' in its needs"):
+        fit_methods({"weight_matching": get_method("weight_matching"), "sneaky": Sneaky("sneaky")}, inputs)
 
 
 def test_fit_a_subset_of_groups(planted_pair):

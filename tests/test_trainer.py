@@ -192,6 +192,18 @@ def test_missing_statistics_or_training_data_names_the_method_and_the_fix(tmp_pa
     assert not (tmp_path / "run" / "barriers.json").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_learned_methods_train_on_the_gpu(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="gpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
+    module = InterpolationModule(str(model_a), str(model_b), lambdas=[0, 0.5, 1])
+    methods = ["learned[init=weight_matching,steps=3]", "learned[attn=linear,steps=3]"]
+    results = trainer.merge(module, RandomTokens(), methods=methods, export_method=None)
+    assert all(results["barriers"][name]["barrier"] <= 1e-3 for name in methods)
+
+
 def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:
     model_a, model_b, _ = permuted_pair
     merge(tmp_path, model_a, model_b, ["vanilla"], export_method=None)

@@ -113,8 +113,8 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
 
 # Variants a kind cannot take, and why (what a user asking for them is told).
 UNSUPPORTED_VARIANTS: dict[str, dict[str, str]] = {
-    "ff": {"linear": "the GELU between a feed-forward layer's rows and columns commutes only with permutations "
-                     "(and positive scalings), so a linear map would change model B's function"},
+    "ff": {"linear": "the GELU between a feed-forward layer's rows and columns commutes only with permutations, "
+                     "so a linear map would change model B's function"},
     "res": {"linear": "in this post-LayerNorm model every LayerNorm scales the residual stream elementwise, and only a "
                       "permutation commutes with that, so a linear map would change model B's function"},
 }

@@ -258,6 +258,9 @@ def load_alignments(path: str | Path) -> dict[str, dict[str, Alignment]]:
         raise CheckpointError(f"alignments file {path} is corrupt: {err}") from err
     if kinds is None:  # an older permutations.safetensors: "method/group" -> perm
         return _group_by_method(methods, {key: Permutation(t.long()) for key, t in tensors.items()})
+    stray = [name for name in tensors if name.rpartition("/")[0] not in kinds]
+    if stray:
+        raise CheckpointError(f"alignments file {path}: tensor {stray[0]} belongs to no alignment of its metadata")
     return _group_by_method(methods, {key: _read_alignment(path, key, kind, tensors) for key, kind in kinds.items()})
 
 

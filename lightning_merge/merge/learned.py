@@ -14,6 +14,7 @@ exact for B as well. The head pairing stays the one the starting alignment chose
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -82,11 +83,15 @@ class LearnedAlignment(nn.Module):
         self.log_maps = nn.ParameterDict(  # exp(0) = I: training starts from the starting alignment
             {_map_key(g, s): nn.Parameter(torch.zeros_like(m)) for (g, s), m in self.start_maps.items()}
         )
-        self.perms = {g: Permutation(_perm_of(start.get(g), spec.groups[g])) for g in self.permuted_groups}
+        self.perms = {g: _starting_permutation(start.get(g), spec.groups[g]) for g in self.permuted_groups}
         estimate = transform_state_dict(self._weights("b"), spec, {**self.perms, **self._maps(detach=True)})
-        aligned = [name for name in self.names if any(spec.axes.get(name, ()))]
-        self.estimate_names = aligned
-        self.estimate = nn.ParameterList([nn.Parameter(estimate[name].detach().clone()) for name in aligned])
+        # W̃ of the weights a permuted group acts on: the projection reads only those (q/k/v biases with linear
+        # attention have none, and their maps learn directly)
+        permuted = set(self.permuted_groups)
+        self.estimate_names = [name for name in self.names
+                               if any(axis is not None and axis.group in permuted for axis in spec.axes.get(name, ()))]
+        self.estimate = nn.ParameterList([nn.Parameter(estimate[n].detach().clone()) for n in self.estimate_names])
+        self._b64: tuple[torch.device, dict[str, torch.Tensor]] | None = None
 
     def _weights(self, side: str) -> dict[str, torch.Tensor]:
         return {name: getattr(self, f"{side}{i}") for i, name in enumerate(self.names)}
@@ -103,12 +108,19 @@ class LearnedAlignment(nn.Module):
             out[group] = HeadLinear(head_perm, maps)
         return out
 
+    def _weights_b_float64(self) -> dict[str, torch.Tensor]:
+        """B's weights in float64 on the module's device, made once: the projection compares W̃ with them each step."""
+        device = self.b0.device
+        if self._b64 is None or self._b64[0] != device:
+            self._b64 = (device, {name: tensor.double() for name, tensor in self._weights("b").items()})
+        return self._b64[1]
+
     def project(self, max_passes: int = PASSES_PER_STEP) -> None:
         """Move the permutations to the ones nearest the current estimate W̃ (weight matching, warm-started)."""
         with torch.no_grad():
             estimate = dict(zip(self.estimate_names, self.estimate))
             self.perms = weight_matching(
-                self.spec, estimate, self._weights("b"), groups=self.permuted_groups, init=self.perms,
+                self.spec, estimate, self._weights_b_float64(), groups=self.permuted_groups, init=self.perms,
                 fixed=self._maps(detach=True), max_passes=max_passes, generator=self.generator,
             )
 
@@ -136,8 +148,13 @@ def _map_key(group: str, subspace: str) -> str:
     return f"{group.replace('.', '_')}_{subspace}"  # ParameterDict keys cannot hold dots
 
 
-def _perm_of(alignment: Alignment | None, group: PermGroup) -> torch.Tensor:
-    return torch.arange(group.size) if alignment is None else alignment.perm
+def _starting_permutation(alignment: Alignment | None, group: PermGroup) -> Permutation:
+    if alignment is None:
+        return Permutation(torch.arange(group.size))
+    if not isinstance(alignment, Permutation):
+        raise ConfigError(f"the starting alignment of group {group.name!r} is a {alignment.kind}, which permutations "
+                          "alone would lose; learn it with attn=linear, or start from a permutation method")
+    return alignment
 
 
 def starting_head_linear(alignment: Alignment | None, group: PermGroup) -> HeadLinear:
@@ -152,7 +169,7 @@ def starting_head_linear(alignment: Alignment | None, group: PermGroup) -> HeadL
     if isinstance(alignment, HeadLinear):
         maps = {s: alignment.maps.get(s, identity).double().clone() for s in ATTENTION_SUBSPACES}
         return HeadLinear(alignment.perm, maps)
-    within = alignment.perm.reshape(heads, head_dim) % head_dim  # B's dim j of head h lands at position within[h]
+    within = alignment.perm.reshape(heads, head_dim) % head_dim  # position j of head h takes B's dim within[h][j]
     gather = torch.zeros(heads, head_dim, head_dim, dtype=torch.float64)
     gather.scatter_(2, within[:, :, None], 1.0)  # row j picks B's dim within[h][j]
     head_perm = whole_head_permutation(head_pairing(alignment.perm, heads), head_dim)
@@ -184,8 +201,8 @@ class Learned(MergeMethod):
         opts = self.options
         if opts.steps < 1:
             raise ConfigError(f"method {name!r}: steps={opts.steps} must be at least 1, e.g. learned[steps=1000]")
-        if opts.lr <= 0:
-            raise ConfigError(f"method {name!r}: lr={opts.lr} must be positive, e.g. learned[lr=0.003]")
+        if not (math.isfinite(opts.lr) and opts.lr > 0):
+            raise ConfigError(f"method {name!r}: lr={opts.lr} must be a positive number, e.g. learned[lr=0.003]")
         if opts.attn not in self.ATTENTION_MODES:
             raise ConfigError(f"method {name!r}: attn={opts.attn!r}; choose one of {', '.join(self.ATTENTION_MODES)}")
         if not 0 <= opts.lambda_min <= opts.lambda_max <= 1:
@@ -206,6 +223,11 @@ class Learned(MergeMethod):
 
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
         return self.init.statistics_features(spec)
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["options"]["init"] = self.init.name  # the resolved start, also when it was the default
+        return described
 
     def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
         opts = self.options

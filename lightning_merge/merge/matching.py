@@ -2,7 +2,7 @@
 
 Every function takes a correlation matrix ``corr`` (d, d) with rows = A's features and columns = B's and returns a
 LongTensor ``perm`` with ``perm[i]`` = the B feature that goes to position i (A keeps its order, B is permuted), the
-orientation `lightning_merge.merge.permute.apply_permutations` expects. The signed correlation is matched.
+orientation `lightning_merge.merge.alignment.Permutation` takes. The signed correlation is matched.
 
 Attention variants (Verma & Elbayad 2024, §3.2): `match_head_perm`, `match_monotonic` and `match_ignore_heads`.
 Residual variants pick which feature points feed the correlation: `RESIDUAL_POINTS`. Beyond permutations,
@@ -68,13 +68,6 @@ def match_ignore_heads(corr: torch.Tensor, num_heads: int) -> torch.Tensor:
     """
     return match_features(corr)
 
-
-ATTENTION_VARIANTS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "head_perm": match_head_perm,
-    "monotonic": match_monotonic,
-    "ignore_heads": match_ignore_heads,
-}
-FUNCTION_PRESERVING_ATTENTION = {"head_perm": True, "monotonic": True, "ignore_heads": False}
 
 def head_pairing(perm: torch.Tensor, num_heads: int) -> torch.Tensor:
     """The head of B that a head-aware ``perm`` puts at each head of A: (num_heads,)."""

@@ -9,6 +9,7 @@ holding exactly that: reading anything undeclared fails, so a declaration cannot
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import threading
@@ -52,7 +53,11 @@ class TrainingLoss:
 
 
 class FitInputs:
-    """Everything a method may need, of which it is given only what it declared (`MergeMethod.needs`).
+    """Everything a method may need, of which each method is shown only what it declared (`MergeMethod.needs`).
+
+    The framework builds one with every input the requested methods need; `alignments_of` fits a method on a view
+    that holds only that method's declared inputs (reading another is a `ConfigError`), while all views share the
+    worker threads and the results of work several methods have in common.
 
     Args:
         spec: the models' spec.
@@ -73,22 +78,31 @@ class FitInputs:
         workers: int = MATCHING_WORKERS,
     ) -> None:
         self.spec = spec
-        self._given = {WEIGHTS: (weights_a, weights_b), STATISTICS: statistics, LOSS: training}
+        weights = (weights_a, weights_b) if weights_a is not None and weights_b is not None else None
+        self._given: dict[str, Any] = {WEIGHTS: weights, STATISTICS: statistics, LOSS: training}
+        self._visible = frozenset(self._given)
         self._pool = ThreadPoolExecutor(max(1, workers))
         self._lock = threading.Lock()
         self._shared: dict[Any, Future] = {}
 
+    def view(self, needs: frozenset[str]) -> FitInputs:
+        """The same inputs and shared work, showing only ``needs``."""
+        restricted = copy.copy(self)
+        restricted._visible = frozenset(needs)
+        return restricted
+
     def close(self) -> None:
         """Stop the worker threads and drop every input and shared result (the statistics are large)."""
         self._pool.shutdown()
-        self._given = {need: None for need in self._given}
+        self._given.update({need: None for need in self._given})
         self._shared.clear()
 
     def _require(self, need: str) -> Any:
-        value = self._given[need]
-        if value is None or value == (None, None):
+        if need not in self._visible:
+            raise ConfigError(f"a method read {need} without declaring {need!r} in its needs")
+        if self._given[need] is None:
             raise ConfigError(f"this fit was given no {need}; a method that reads them must declare {need!r} in needs")
-        return value
+        return self._given[need]
 
     @property
     def statistics(self) -> MergeStatistics:
@@ -111,16 +125,20 @@ class FitInputs:
             return self._shared[key]
 
     def alignments_of(self, method: MergeMethod) -> dict[str, Alignment]:
-        """``method.fit(self)``, fitted once per method name however many methods start from it."""
+        """``method.fit`` on a view of its declared inputs, fitted once per method name however many methods start
+        from it. It runs on the calling thread: a method's fit may itself wait on the worker threads."""
         key = ("method", method.name)
         with self._lock:
-            cached = self._shared.get(key)
-        if cached is None:  # fitted on this thread: a method's fit may itself wait on the worker threads
-            cached = Future()
-            cached.set_result(method.fit(self))
-            with self._lock:
-                self._shared.setdefault(key, cached)
-        return cached.result()
+            pending = self._shared.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._shared[key] = Future()
+        if owner:
+            try:
+                pending.set_result(method.fit(self.view(method.needs)))
+            except BaseException as err:
+                pending.set_exception(err)
+        return pending.result()
 
 
 class MergeMethod(ABC):
@@ -161,7 +179,7 @@ class MergeMethod(ABC):
 
     def describe(self) -> dict[str, Any]:
         """What the outputs record about it: reference, needs, whether it preserves B, its options."""
-        return {"reference": self.reference, "needs": sorted(self.needs),
+        return {"summary": self.summary, "reference": self.reference, "needs": sorted(self.needs),
                 "function_preserving": self.function_preserving, "options": dataclasses.asdict(self.options)}
 
 

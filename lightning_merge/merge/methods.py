@@ -115,6 +115,8 @@ def _parse_options(method_class: type[MergeMethod], args: str | None, name: str)
         if not sep or key not in fields:
             known = ", ".join(fields) or "none"
             raise UnknownNameError(f"method {name!r}: unknown option {item.strip()!r}; options: {known}")
+        if key in values:
+            raise ConfigError(f"method {name!r}: option {key!r} is given twice; give it once")
         values[key] = _convert(text.strip(), typing.get_type_hints(method_class.Options)[key], name, key)
     return method_class.Options(**values)
 

@@ -5,7 +5,7 @@ and module names are relative to the model passed in, so the ``bert.`` prefix of
 ``BertForSequenceClassification`` is part of the names. Everything that is model-family specific lives in two tables:
 `FAMILIES` (module-name templates of a family) and `ARCHITECTURES` (HF class name -> family, prefix, heads).
 
-Groups (all perms index the feature axis they act on; see `lightning_merge.merge.permute` for orientation):
+Groups (each indexes the feature axis it acts on; `lightning_merge.merge.alignment` says how alignments act):
 
 - ``ff.{i}``: the d_ff intermediate features of layer i (rows + bias of ``intermediate.dense``, columns of
   ``output.dense``).
@@ -320,6 +320,8 @@ def _mlm_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any)
     build.norm(names.mlm_norm, RESIDUAL)
     build.vector(names.mlm_bias, None)
     if getattr(config, "tie_word_embeddings", True):
+        # the tie gives the decoder the embeddings' ``out`` role, although it reads the stream (``in``): one tensor
+        # can take only one transform, so only alignments with M⁻ᵀ = M (permutations, orthogonal maps) keep the tie
         build.tie(f"{names.mlm_decoder}.weight", f"{prefix}{names.word_embeddings}.weight")
         build.tie(f"{names.mlm_decoder}.bias", names.mlm_bias)
     else:  # untied (transformers also unties the decoder bias then): its own weights, vocab rows unpermuted

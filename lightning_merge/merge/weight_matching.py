@@ -55,7 +55,9 @@ def weight_matching(
     """
     names = list(spec.groups if groups is None else groups)
     current: dict[str, Alignment] = {**(fixed or {}), **_starting_perms(spec, names, init)}
-    terms = {name: _terms(spec, name, weights_a, weights_b) for name in names}
+    used = {weight for name in names for weight, _ in spec.group_axes[name] if weight in weights_a}
+    a64, b64 = ({w: _float64(weights[w]) for w in used} for weights in (weights_a, weights_b))  # once per weight
+    terms = {name: _terms(spec, name, a64, b64) for name in names}
     for _ in range(max_passes):
         order = torch.randperm(len(names), generator=generator).tolist()
         improved = [_improve_group(spec, names[i], terms[names[i]], current) for i in order]
@@ -73,16 +75,18 @@ def _starting_perms(spec: PermutationSpec, names: list[str], init: Mapping[str, 
 def _terms(
     spec: PermutationSpec, group: str, weights_a: Mapping[str, torch.Tensor], weights_b: Mapping[str, torch.Tensor]
 ) -> list[tuple[str, int, torch.Tensor, torch.Tensor]]:
-    """(weight, axis, A's weight, B's weight) in float64 for every axis ``group`` acts on; tied aliases count once."""
+    """(weight, axis, A's weight, B's weight) for every axis ``group`` acts on; tied aliases count once."""
     return [
-        (weight, index, _float64(weights_a[weight]), _float64(weights_b[weight]))
+        (weight, index, weights_a[weight], weights_b[weight])
         for weight, index in spec.group_axes[group]
         if weight not in spec.ties and weight in weights_a
     ]
 
 
 def _float64(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.detach().to(torch.float64)  # on its own device: a GPU forms the similarities, scipy assigns on CPU
+    """A float64 view of a weight on its own device (no copy if it is one): a GPU forms the similarities, scipy
+    solves the assignments on the CPU."""
+    return tensor.detach().to(torch.float64)
 
 
 def _improve_group(spec: PermutationSpec, group: str, terms: list, current: dict[str, Alignment]) -> bool:

@@ -167,8 +167,14 @@ class InterpolationModule(PairModule):
         return interpolate_state_dicts(params_a, {name: permuted_b[name] for name in params_a}, lam)
 
     def mean_loss(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
-        """The objective's mean loss on ``batch`` of model A's structure with ``params`` (differentiable)."""
-        output = functional_call(self.objective, {f"model.{k}": v for k, v in params.items()}, (dict(batch),))
+        """The objective's mean loss on ``batch`` of model A's structure with ``params`` (differentiable).
+
+        The buffers (position and token-type ids) are passed on the parameters' device: a learned method trains
+        its module where Lightning puts it, which need not be where this module sits."""
+        device = next(iter(params.values())).device
+        state = {f"model.{k}": v for k, v in params.items()}
+        state.update({f"model.{k}": v.to(device) for k, v in self.model_a.named_buffers()})
+        output = functional_call(self.objective, state, (dict(batch),))
         return output[0] / output[1].clamp(min=1)
 
     @torch.no_grad()

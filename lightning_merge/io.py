@@ -73,3 +73,21 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False) -> Iterator[Pat
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes left in ``directory`` (``.<name>.*.tmp``, ``.<name>.old.*``).
+
+    Returns the paths removed. Only this module's naming is matched, so other files are left alone.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    stale = [p for p in directory.iterdir()
+             if p.name.startswith(".") and (p.name.endswith(".tmp") or ".old." in p.name)]
+    for path in stale:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale

@@ -89,14 +89,38 @@ def _from_hf_dir(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) 
         raise CheckpointError(f"could not load the model in {path} (corrupt or incomplete?): {reason}") from err
 
 
-def load_pretrained(source: str | Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
+def load_pretrained(
+    source: str | Path, model_class: type[PreTrainedModel], allow_nonfinite: bool = False, **kwargs: Any
+) -> PreTrainedModel:
     """Load ``model_class`` from a local HF dir, one of our ``.ckpt`` files, or a hub id.
 
     Args:
         source: ``checkpoints/mlm/seed0/hf``, ``.../last.ckpt`` or ``google/multiberts-seed_0``.
         model_class: e.g. ``BertForMaskedLM`` or ``BertForSequenceClassification``.
+        allow_nonfinite: load a model with NaN or infinite weights instead of refusing it.
         kwargs: config overrides such as ``num_labels``.
+
+    Raises:
+        CheckpointError: the source is missing or unreadable, or (unless ``allow_nonfinite``) a weight is not finite.
     """
+    model = _load(source, model_class, **kwargs)
+    if not allow_nonfinite:
+        check_finite(model, str(source))
+    return model
+
+
+def check_finite(model: torch.nn.Module, source: str) -> None:
+    """Raise `CheckpointError` naming the first weight or buffer of ``model`` that holds a NaN or an infinity."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if torch.is_floating_point(tensor) and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(
+                f"model {source} has {bad} non-finite value(s) in {name} (a corrupt file or a diverged run); "
+                "pass allow_nonfinite to load it anyway"
+            )
+
+
+def _load(source: str | Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
     text = str(source)
     path = Path(text).expanduser()
     if path.is_dir():

@@ -1,4 +1,4 @@
-"""What a merge run leaves behind: curves.csv, barriers.json, barrier.png and a markdown table."""
+"""What a merge run leaves behind: curves.csv, barriers.json, barrier.png, a markdown table, and its marker."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_merge.io import atomic_file, atomic_write_text
+
+MERGE_COMPLETE = ".merge_complete.json"  # written last: a run dir without it holds no complete merge
 
 # curves: method -> metric name -> values along the λ grid, e.g. {"vanilla": {"loss": [...], "accuracy": [...]}}
 Curves = Mapping[str, Mapping[str, Sequence[float]]]

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lightning_merge.errors import ConfigError, LightningMergeError
 from lightning_merge.io import atomic_write_text
+from lightning_merge.report import MERGE_COMPLETE
 
 COMPLETE_MARKER = ".stage_complete.json"
 
@@ -107,7 +108,7 @@ def _merge_stage(name: str, run_dir: Path, config: str, model_a: str, model_b: s
     argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
             "--model.init_args.model_a", model_a, "--model.init_args.model_b", model_b,
             "--data.init_args.tokenizer", model_a, *extra)
-    return Stage(name, run_dir, argv, ("barriers.json", "curves.csv"), _run_dirs_of(model_a, model_b))
+    return Stage(name, run_dir, argv, (MERGE_COMPLETE, "results.json"), _run_dirs_of(model_a, model_b))
 
 
 def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:

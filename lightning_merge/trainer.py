@@ -19,15 +19,16 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from lightning_merge.callbacks import MergeCallback
 from lightning_merge.errors import ConfigError, DataError, OutputExistsError
-from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text
+from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text, remove_stale_temporaries
 from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.alignment import save_alignments
 from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import product_dtype
+from lightning_merge.models import check_finite
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
-from lightning_merge.report import write_report
+from lightning_merge.report import MERGE_COMPLETE, write_report
 
 # The paper's comparisons: FF alone, FF+attention per attention variant, residual per variant, the full method.
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -93,6 +94,7 @@ class MergeTrainer(pl.Trainer):
         product_dtype(statistics_dtype)  # an unknown name fails before any work
         if statistics_batch_size is not None and statistics_batch_size < 1:
             raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
+        self._prepare_run_dir(run_dir)
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, Any] = {}
@@ -129,11 +131,21 @@ class MergeTrainer(pl.Trainer):
         chosen = {name: get_method(name) for name in names}  # unknown names and bad options fail before any work
         if export_method is not None and export_method not in names:
             raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(names)}")
-        if (run_dir / "barriers.json").exists() and not overwrite:
+        if (run_dir / MERGE_COMPLETE).exists() and not overwrite:
             raise OutputExistsError(
                 f"{run_dir} holds an earlier merge; pass --overwrite true or another --trainer.default_root_dir"
             )
         return chosen
+
+    @rank_zero_only
+    def _prepare_run_dir(self, run_dir: Path) -> None:
+        """Clear what an interrupted earlier merge left: its temporary files, and its marker if it is replaced."""
+        for path in remove_stale_temporaries(run_dir):
+            print(f"removed {path}, left by an interrupted earlier merge", flush=True)
+        if (run_dir / "barriers.json").exists() and not (run_dir / MERGE_COMPLETE).exists():
+            print(f"{run_dir} holds an incomplete earlier merge (no {MERGE_COMPLETE}); its outputs are replaced",
+                  flush=True)
+        (run_dir / MERGE_COMPLETE).unlink(missing_ok=True)  # the run is complete again only when this one ends
 
     def _fit_inputs(
         self, model: InterpolationModule, datamodule: Any, statistics_loader: Callable[[], Any],
@@ -233,6 +245,8 @@ class MergeTrainer(pl.Trainer):
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         if export_method is not None:
             self._export_merged(run_dir / "merged", model, export_method, export_lambda, datamodule)
+        marker = {"methods": list(alignments), "export_method": export_method, "finished": time.time()}
+        atomic_write_text(run_dir / MERGE_COMPLETE, json.dumps(marker, indent=2) + "\n")  # last: the run is whole
         print(f"\nBarriers along the interpolation path ({run_dir}):\n{table}\n", flush=True)
 
     @staticmethod
@@ -241,6 +255,7 @@ class MergeTrainer(pl.Trainer):
         with torch.no_grad():
             for name, value in model.interpolated(method, lam).items():
                 merged.get_parameter(name).copy_(value)
+        check_finite(merged, f"merged by {method} at lambda={lam:g}")
         tokenizer = getattr(datamodule, "tokenizer", None)
         with atomic_dir(path, overwrite=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)

@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError
 from lightning_merge.merge.interpolate import (
+    check_lambdas,
     find_ties,
     interpolate_state_dicts,
     lambda_grid,
@@ -116,6 +117,11 @@ def test_lambda_grid():
     assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0 and grid[10] == 0.5
     with pytest.raises(ConfigError):
         lambda_grid(0.0)
+
+
+def test_a_nan_lambda_is_refused():
+    with pytest.raises(ConfigError, match="lambdas must be finite numbers in \\[0, 1\\], got nan"):
+        check_lambdas([0.0, float("nan"), 1.0])
 
 
 def test_check_lambdas_before_any_curve():

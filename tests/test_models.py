@@ -32,6 +32,19 @@ def test_load_hf_dir_and_classifier_from_mlm(tmp_path) -> None:
     assert clf.classifier.out_features == 3
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_unless_allowed(tmp_path, value) -> None:
+    model = tiny_mlm()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[3, 4] = value
+    model.save_pretrained(tmp_path / "hf")
+    message = "has 1 non-finite value\\(s\\) in bert.encoder.layer.1.output.dense.weight.*pass allow_nonfinite"
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(tmp_path / "hf", BertForMaskedLM)
+    loaded = load_pretrained(tmp_path / "hf", BertForMaskedLM, allow_nonfinite=True)
+    assert not torch.isfinite(loaded.bert.encoder.layer[1].output.dense.weight).all()
+
+
 def test_load_our_lightning_checkpoint(tmp_path) -> None:
     model = tiny_mlm()
     state = {f"model.{k}": v for k, v in model.state_dict().items()}

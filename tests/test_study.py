@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lightning_merge.errors import ConfigError
+from lightning_merge.report import MERGE_COMPLETE
 from lightning_merge.study import COMPLETE_MARKER, StageError, TaskSpec, reproduce, study_stages
 from lightning_merge.study_report import mean_se, write_study_report
 
@@ -57,6 +58,7 @@ class FakeLm:
             (run_dir / "barriers.json").write_text("{}")
             (run_dir / "curves.csv").write_text("")
             (run_dir / "results.json").write_text(json.dumps(fake_results(0.3 + len(self.calls) / 100, metric)))
+            (run_dir / MERGE_COMPLETE).write_text("{}")
         return subprocess.CompletedProcess(command, 0)
 
 

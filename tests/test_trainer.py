@@ -11,12 +11,20 @@ import torch
 from torch.utils.data import DataLoader
 from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
 
-from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, OutputExistsError, UnknownNameError
+from lightning_merge.errors import (
+    ArchitectureMismatch,
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputExistsError,
+    UnknownNameError,
+)
 from lightning_merge.merge.alignment import HeadLinear, Permutation, apply_alignments, load_alignments, permutations
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
 from lightning_merge.merge.stats import PairStatistics
 from lightning_merge.modules.merge import InterpolationModule
+from lightning_merge.report import MERGE_COMPLETE
 from lightning_merge.trainer import MergeTrainer
 
 VOCAB = 40
@@ -202,6 +210,37 @@ def test_learned_methods_train_on_the_gpu(tmp_path, permuted_pair) -> None:
     methods = ["learned[init=weight_matching,steps=3]", "learned[attn=linear,steps=3]"]
     results = trainer.merge(module, RandomTokens(), methods=methods, export_method=None)
     assert all(results["barriers"][name]["barrier"] <= 1e-3 for name in methods)
+
+
+def test_a_nan_weight_stops_the_merge_with_one_line_and_writes_nothing(tmp_path, permuted_pair) -> None:
+    model_a, model_b, _ = permuted_pair
+    broken = BertForMaskedLM.from_pretrained(model_b)
+    with torch.no_grad():
+        broken.bert.encoder.layer[0].intermediate.dense.weight[0, 0] = float("nan")
+    broken.save_pretrained(tmp_path / "nan")
+    with pytest.raises(CheckpointError, match="nan has 1 non-finite value"):
+        InterpolationModule(str(model_a), str(tmp_path / "nan"))
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / "run"), **quiet)
+    module = InterpolationModule(str(model_a), str(tmp_path / "nan"), lambdas=[0, 0.5, 1], allow_nonfinite=True)
+    with pytest.raises(DataError, match="the loss of method 'vanilla' at lambda=0.5 is nan"):
+        trainer.merge(module, RandomTokens(), methods=["vanilla"], export_method=None)
+    assert not any(p.name in ("barriers.json", "results.json") for p in (tmp_path / "run").rglob("*"))
+
+
+def test_only_a_complete_merge_counts_as_an_earlier_run(tmp_path, permuted_pair, capsys) -> None:
+    model_a, model_b, _ = permuted_pair
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "barriers.json").write_text("{}")  # an earlier merge killed while exporting: no completion marker
+    (run / ".merged.abc123.tmp").mkdir()  # its half-written export
+    (run / ".results.json.77.tmp").write_text("half")
+    results = merge(tmp_path, model_a, model_b, ["vanilla", "ff+attn+res"])
+    assert (run / MERGE_COMPLETE).is_file() and (run / "merged" / "config.json").is_file()
+    assert not list(run.glob(".*.tmp")) and "incomplete earlier merge" in capsys.readouterr().out
+    assert json.loads((run / "barriers.json").read_text()) == json.loads(json.dumps(results["barriers"]))
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        merge(tmp_path, model_a, model_b, ["vanilla"], export_method=None)
 
 
 def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:

@@ -123,7 +123,9 @@ class HeadLinear(Alignment):
             if tuple(maps.shape) != shape:
                 got = tuple(maps.shape)
                 raise ConfigError(f"{subspace} maps of group {group.name!r} have shape {got}, not {shape}")
-            if not torch.isfinite(maps).all() or (torch.linalg.svdvals(maps.double()).min() < 1e-8):
+            if not torch.isfinite(maps).all():
+                raise ConfigError(f"{subspace} maps of group {group.name!r} hold non-finite values")
+            if torch.linalg.svdvals(maps.double()).min() < 1e-8:
                 raise ConfigError(f"{subspace} maps of group {group.name!r} are not invertible")
 
     def preserves_function(self, group: PermGroup) -> bool:

@@ -48,6 +48,16 @@ def _math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # half precision is interpolated in float32
 
 
+def _lerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
+    """(1−λ)·a + λ·b; the endpoints are the tensors themselves (lerp would spread a non-finite b to λ = 0)."""
+    if lam == 0:
+        return a
+    if lam == 1:
+        return b.to(a.dtype)
+    dtype = _math_dtype(a.dtype)
+    return torch.lerp(a.to(dtype), b.to(dtype), lam).to(a.dtype)
+
+
 def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
     """θ(λ) = (1−λ)·θ_A + λ·θ_B, exact at λ = 0 and 1.
 
@@ -69,8 +79,7 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
         if name in ties:
             out[name] = out[ties[name]]
         elif torch.is_floating_point(a):
-            dtype = _math_dtype(a.dtype)
-            out[name] = torch.lerp(a.to(dtype), sd_b[name].to(a.device, dtype), lam).to(a.dtype)
+            out[name] = _lerp(a, sd_b[name].to(a.device), lam)
         else:
             out[name] = a
     return out
@@ -110,6 +119,8 @@ def _check_lambdas(lambdas: Sequence[float], losses: Sequence[float]) -> np.ndar
     grid = np.asarray(lambdas, dtype=np.float64)
     if grid.ndim != 1 or len(grid) != len(losses) or len(grid) < 2:
         raise ConfigError(f"need one loss per lambda and at least two lambdas, got {len(grid)} and {len(losses)}")
+    if not np.isfinite(grid).all():
+        raise ConfigError(f"lambdas must be finite numbers in [0, 1], got {grid[~np.isfinite(grid)][0]}")
     if (grid < -_ENDPOINT_TOLERANCE).any() or (grid > 1 + _ENDPOINT_TOLERANCE).any():
         raise ConfigError(f"lambdas must lie within [0, 1], got {grid.min()}..{grid.max()}")
     for endpoint in (0.0, 1.0):

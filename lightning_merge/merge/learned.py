@@ -35,10 +35,8 @@ LEARNED = (
 )
 
 LossFunction = Callable[[Mapping[str, torch.Tensor], Mapping], torch.Tensor]
-# Coordinate-descent passes of the projection per training step. Warm-started from the last step's permutations,
-# which W̃ has moved only slightly from, one pass is nearly always converged; it is the step's main cost beside the
-# forward and backward pass. The final projection (`alignments`) runs to convergence.
-PASSES_PER_STEP = 1
+# The final projection (`alignments`) runs weight matching to convergence, or this many passes.
+FINAL_PASSES = 100
 
 
 class LearnedAlignment(nn.Module):
@@ -53,6 +51,9 @@ class LearnedAlignment(nn.Module):
         linear_attention: learn per-head linear maps of the attention groups instead of permuting them.
         lambdas: (λ_min, λ_max) of the uniform λ of each step.
         seed: seeds λ and the visiting order of the projection.
+        passes: coordinate-descent passes of each step's projection, warm-started from the last step's
+            permutations (which W̃ has moved only slightly from); the projection is a step's main cost beside the
+            forward and backward pass.
     """
 
     def __init__(
@@ -65,8 +66,10 @@ class LearnedAlignment(nn.Module):
         linear_attention: bool = False,
         lambdas: tuple[float, float] = (0.4, 0.6),
         seed: int = 0,
+        passes: int = 1,
     ) -> None:
         super().__init__()
+        self.passes = passes
         self.spec = spec
         self._loss = loss  # a plain callable: the model behind it is not part of this module's parameters
         self.names = [name for name in weights_a if torch.is_floating_point(weights_a[name])]
@@ -115,13 +118,13 @@ class LearnedAlignment(nn.Module):
             self._b64 = (device, {name: tensor.double() for name, tensor in self._weights("b").items()})
         return self._b64[1]
 
-    def project(self, max_passes: int = PASSES_PER_STEP) -> None:
+    def project(self, max_passes: int | None = None) -> None:
         """Move the permutations to the ones nearest the current estimate W̃ (weight matching, warm-started)."""
         with torch.no_grad():
             estimate = dict(zip(self.estimate_names, self.estimate))
             self.perms = weight_matching(
                 self.spec, estimate, self._weights_b_float64(), groups=self.permuted_groups, init=self.perms,
-                fixed=self._maps(detach=True), max_passes=max_passes, generator=self.generator,
+                fixed=self._maps(detach=True), max_passes=max_passes or self.passes, generator=self.generator,
             )
 
     def forward(self, batch: Mapping) -> torch.Tensor:
@@ -138,7 +141,7 @@ class LearnedAlignment(nn.Module):
 
     def alignments(self) -> dict[str, Alignment]:
         """The learned alignment: permutations of the permuted groups, `HeadLinear` of the linear ones."""
-        self.project(max_passes=100)
+        self.project(max_passes=FINAL_PASSES)
         maps = {g: HeadLinear(a.perm, {s: m.detach().cpu() for s, m in a.maps.items()})
                 for g, a in self._maps(detach=True).items()}
         return {**{g: Permutation(p.perm.cpu()) for g, p in self.perms.items()}, **maps}
@@ -192,6 +195,7 @@ class Learned(MergeMethod):
         lambda_min: float = 0.4  # λ of each step ~ U(lambda_min, lambda_max)
         lambda_max: float = 0.6
         seed: int = 0
+        passes: int = 1  # coordinate-descent passes of each step's projection onto B's permutations
 
     # attention mode -> the starting method when ``init`` is not given
     ATTENTION_MODES = {"perm": "permute", "linear": "ff+attn[linear]+res"}
@@ -201,6 +205,8 @@ class Learned(MergeMethod):
         opts = self.options
         if opts.steps < 1:
             raise ConfigError(f"method {name!r}: steps={opts.steps} must be at least 1, e.g. learned[steps=1000]")
+        if opts.passes < 1:
+            raise ConfigError(f"method {name!r}: passes={opts.passes} must be at least 1")
         if not (math.isfinite(opts.lr) and opts.lr > 0):
             raise ConfigError(f"method {name!r}: lr={opts.lr} must be a positive number, e.g. learned[lr=0.003]")
         if opts.attn not in self.ATTENTION_MODES:
@@ -236,6 +242,7 @@ class Learned(MergeMethod):
         module = LearnedAlignment(
             inputs.spec, weights_a, weights_b, inputs.alignments_of(self.init), training.loss,
             linear_attention=opts.attn == "linear", lambdas=(opts.lambda_min, opts.lambda_max), seed=opts.seed,
+            passes=opts.passes,
         )
         training.optimise(module, opts.steps, opts.lr, self.name)
         return module.alignments()

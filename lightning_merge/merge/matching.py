@@ -131,7 +131,7 @@ def _check_square(corr: torch.Tensor) -> None:
     if corr.ndim != 2 or corr.shape[0] != corr.shape[1]:
         raise DataError(f"matching needs a square correlation matrix, got shape {tuple(corr.shape)}")
     if not torch.isfinite(corr).all():
-        raise DataError("correlation has NaN or inf entries; statistics are corrupt")
+        raise DataError("the matrix to match has NaN or inf entries: the models or their statistics are not finite")
 
 
 def _as_numpy(tensor: torch.Tensor) -> np.ndarray:

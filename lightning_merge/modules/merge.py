@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
 
-from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
+from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, UnknownNameError
 from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments
 from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
@@ -60,14 +60,16 @@ class PairModule(pl.LightningModule):
         model_a: HF directory, our ``.ckpt`` or hub id of the reference model (keeps its neuron order).
         model_b: the model that gets permuted into A's basis.
         task: ``masked_lm`` or ``sequence_classification``.
+        allow_nonfinite: load models with NaN or infinite weights instead of refusing them (their curves will not
+            be finite, and the merge stops at the first non-finite loss).
     """
 
-    def __init__(self, model_a: str, model_b: str, task: str = "masked_lm") -> None:
+    def __init__(self, model_a: str, model_b: str, task: str = "masked_lm", allow_nonfinite: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         model_class = get_task(task).model_class
-        self.model_a = load_pretrained(model_a, model_class).eval()
-        self.model_b = load_pretrained(model_b, model_class).eval()
+        self.model_a = load_pretrained(model_a, model_class, allow_nonfinite).eval()
+        self.model_b = load_pretrained(model_b, model_class, allow_nonfinite).eval()
         self.spec: PermutationSpec = spec_for_pair(self.model_a, self.model_b)
         self._check_vocab()
 
@@ -121,12 +123,18 @@ class InterpolationModule(PairModule):
         model_b: model to align to A.
         task: ``masked_lm`` or ``sequence_classification``.
         lambdas: the interpolation grid; must contain 0 and 1 and stay within [0, 1].
+        allow_nonfinite: see `PairModule`.
     """
 
     def __init__(
-        self, model_a: str, model_b: str, task: str = "masked_lm", lambdas: Sequence[float] = DEFAULT_LAMBDAS
+        self,
+        model_a: str,
+        model_b: str,
+        task: str = "masked_lm",
+        lambdas: Sequence[float] = DEFAULT_LAMBDAS,
+        allow_nonfinite: bool = False,
     ) -> None:
-        super().__init__(model_a, model_b, task)
+        super().__init__(model_a, model_b, task, allow_nonfinite)
         self.lambdas = [float(x) for x in lambdas]
         check_lambdas(self.lambdas)
         self.objective = get_task(task).objective_class(self.model_a)
@@ -197,6 +205,7 @@ class InterpolationModule(PairModule):
 
     def on_test_epoch_end(self) -> None:
         losses = self.curve_sums.compute().cpu()  # (M, L), already reduced over ranks
+        self._check_finite(losses)
         curves: dict[str, dict[str, list[float]]] = {}
         barriers: dict[str, dict[str, float]] = {}
         for m, method in enumerate(self.methods):
@@ -206,6 +215,17 @@ class InterpolationModule(PairModule):
                 self._add_task_curve(m, curves[method], barriers[method])
             self._log_curve(method, curves[method], barriers[method])
         self.results = {"lambdas": self.lambdas, "curves": curves, "barriers": barriers}
+
+    def _check_finite(self, losses: Tensor) -> None:
+        """Stop at the first non-finite loss, naming the method and λ (nothing has been written yet)."""
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            m, i = bad[0].tolist()
+            method, lam = list(self.methods)[m], self.lambdas[i]
+            raise DataError(
+                f"the loss of method {method!r} at lambda={lam:g} is {losses[m, i].item()}: the models or their "
+                "alignment hold non-finite values (loaded with allow_nonfinite?) or the evaluation overflowed"
+            )
 
     def _add_task_curve(self, m: int, curve: dict, barrier: dict) -> None:
         points = self.task_metrics[m * len(self.lambdas) : (m + 1) * len(self.lambdas)]

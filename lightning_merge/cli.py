@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
@@ -12,6 +13,7 @@ from pytorch_lightning.cli import LightningCLI
 
 from lightning_merge.errors import LightningMergeError
 from lightning_merge.merge.methods import get_method
+from lightning_merge.models import check_checkpoint
 from lightning_merge.trainer import MergeTrainer
 
 
@@ -41,6 +43,13 @@ class LightningMergeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "merge": {"model", "datamodule"}}
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint(ckpt_path)  # LightningCLI reads its hyperparameters next: a damaged file fails here
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config

@@ -36,5 +36,9 @@ class ConfigError(LightningMergeError):
     """A configuration value is invalid."""
 
 
+class OutputError(LightningMergeError):
+    """An output cannot be written where it goes (no space left, no permission, read-only)."""
+
+
 class OutputExistsError(LightningMergeError):
     """A run directory exists already and would be overwritten."""

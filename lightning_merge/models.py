@@ -65,6 +65,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({kind})") from err
 
 
+def check_checkpoint(path: str | Path) -> None:
+    """Raise `CheckpointError` unless ``path`` is a readable checkpoint (opened lazily: cheap for large files)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass an existing .ckpt file")
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # torch raises several types for truncated or foreign files
+        kind = type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated ({kind}); resume from another one, or "
+                              "train anew with --overwrite true") from err
+
+
 def _from_lightning_checkpoint(path: Path, model_class: type[PreTrainedModel], **kwargs: Any) -> PreTrainedModel:
     checkpoint = load_checkpoint(path)
     if HF_CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:

@@ -2,7 +2,8 @@
 
 Each stage is an ordinary ``lm-merge fit``/``lm-merge merge`` run in a subprocess (so a crash or a kill leaves the
 orchestrator's state on disk, not in memory). A stage is marked complete only after its outputs exist; a rerun skips
-completed stages, and a stage that was interrupted is cleared and restarted from scratch.
+completed stages, and a stage that was interrupted is cleared and restarted from scratch — only ever a folder the
+study itself started (its marker says so): a folder holding anyone else's files stops the study instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from lightning_merge.io import atomic_write_text
 from lightning_merge.report import MERGE_COMPLETE
 
 COMPLETE_MARKER = ".stage_complete.json"
+STARTED_MARKER = ".stage_started.json"  # this study wrote the folder: it may clear it to restart the stage
 
 
 class StageError(LightningMergeError):
@@ -116,8 +118,8 @@ def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
     if stage.is_complete():
         print(f"{prefix}: complete, skipped", flush=True)
         return
-    if stage.run_dir.exists():
-        shutil.rmtree(stage.run_dir)  # an interrupted stage restarts from scratch; completed ones never get here
+    _clear_for_restart(stage)
+    atomic_write_text(stage.run_dir / STARTED_MARKER, json.dumps({"argv": list(stage.argv)}) + "\n")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (stage.name.replace(" ", "_") + ".log")
     print(f"{prefix}: running (log: {log_path})", flush=True)
@@ -134,6 +136,20 @@ def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
     marker = {"fingerprint": stage.fingerprint, "argv": list(stage.argv), "seconds": round(seconds, 1)}
     atomic_write_text(stage.run_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
     print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+
+
+def _clear_for_restart(stage: Stage) -> None:
+    """An interrupted or outdated stage restarts from scratch, but only a folder this study wrote is cleared."""
+    run_dir = stage.run_dir
+    if not run_dir.exists():
+        return
+    ours = (run_dir / STARTED_MARKER).is_file() or (run_dir / COMPLETE_MARKER).is_file()
+    if not ours and any(run_dir.iterdir()):
+        raise StageError(
+            f"stage '{stage.name}' writes to {run_dir}, which holds files this study did not write; move them "
+            "away or choose another study_dir (nothing was deleted)"
+        )
+    shutil.rmtree(run_dir)
 
 
 def _last_line(path: Path) -> str:

@@ -17,15 +17,23 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_merge.callbacks import MergeCallback
+from lightning_merge.callbacks import HFExport, MergeCallback
 from lightning_merge.errors import ConfigError, DataError, OutputExistsError
-from lightning_merge.io import atomic_dir, atomic_file, atomic_write_text, remove_stale_temporaries
+from lightning_merge.io import (
+    atomic_dir,
+    atomic_file,
+    atomic_write_text,
+    check_free_space,
+    check_writable,
+    output_errors,
+    remove_stale_temporaries,
+)
 from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.alignment import save_alignments
 from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import product_dtype
-from lightning_merge.models import check_finite
+from lightning_merge.models import check_checkpoint, check_finite
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
 from lightning_merge.report import MERGE_COMPLETE, write_report
@@ -45,7 +53,55 @@ DEFAULT_METHODS: tuple[str, ...] = (
 
 
 class MergeTrainer(pl.Trainer):
-    """A Trainer that can also ``merge`` two models: see `MergeTrainer.merge`."""
+    """A Trainer that can also ``merge`` two models (`MergeTrainer.merge`), and whose ``fit`` never trains over a
+    finished run unless told to."""
+
+    def fit(
+        self,
+        model: pl.LightningModule,
+        train_dataloaders: Any = None,
+        val_dataloaders: Any = None,
+        datamodule: pl.LightningDataModule | None = None,
+        ckpt_path: str | Path | None = None,
+        weights_only: bool | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        """Lightning's ``fit``, after two checks that would otherwise fail late or silently.
+
+        Args:
+            overwrite: train into a directory whose HF export says a run finished there (otherwise refused: resume
+                it with ``ckpt_path``, or choose another ``default_root_dir``).
+            (the other arguments are Lightning's)
+
+        Raises:
+            OutputExistsError: the run directory holds a finished run and neither ``ckpt_path`` nor ``overwrite``.
+            CheckpointError: the checkpoint to resume from is missing or unreadable (e.g. truncated by a kill).
+        """
+        finished = [d for d in self._export_dirs() if (d / "config.json").is_file()]
+        if finished and ckpt_path is None and not overwrite:
+            raise OutputExistsError(
+                f"{finished[0]} holds a finished run; resume it with --ckpt_path last, replace it with --overwrite "
+                "true, or choose another --trainer.default_root_dir"
+            )
+        resumed = self._resume_checkpoint(ckpt_path)
+        if resumed is not None:
+            check_checkpoint(resumed)
+        check_writable(self.default_root_dir)
+        with output_errors(self.default_root_dir):  # a full disk at a checkpoint: one line, not a traceback
+            super().fit(model, train_dataloaders, val_dataloaders, datamodule, ckpt_path, weights_only)
+
+    def _export_dirs(self) -> list[Path]:
+        return [callback.export_dir(self) for callback in self.callbacks if isinstance(callback, HFExport)]
+
+    def _resume_checkpoint(self, ckpt_path: str | Path | None) -> Path | None:
+        """The file ``ckpt_path`` names: itself, or for ``last`` the checkpoint callbacks' last checkpoint."""
+        if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
+            return None
+        if ckpt_path != "last":
+            return Path(ckpt_path)
+        candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+                      for cb in self.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+        return next((path for path in candidates if path.exists()), None)
 
     def merge(
         self,
@@ -94,7 +150,11 @@ class MergeTrainer(pl.Trainer):
         product_dtype(statistics_dtype)  # an unknown name fails before any work
         if statistics_batch_size is not None and statistics_batch_size < 1:
             raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
-        self._prepare_run_dir(run_dir)
+        if statistics_max_blocks is not None and statistics_max_blocks < 1:
+            raise ConfigError(f"statistics_max_blocks={statistics_max_blocks} must be at least 1, or null for all")
+        check_writable(run_dir)  # before any compute: a merge must not fail at its very end for lack of a place
+        check_free_space(run_dir, _output_bytes(model, export_method), "the merge's outputs")
+        self._clear_interrupted_run(run_dir)
         datamodule.setup("test")
         model.check_tokenizer(getattr(datamodule, "tokenizer", None))
         timings: dict[str, Any] = {}
@@ -138,7 +198,7 @@ class MergeTrainer(pl.Trainer):
         return chosen
 
     @rank_zero_only
-    def _prepare_run_dir(self, run_dir: Path) -> None:
+    def _clear_interrupted_run(self, run_dir: Path) -> None:
         """Clear what an interrupted earlier merge left: its temporary files, and its marker if it is replaced."""
         for path in remove_stale_temporaries(run_dir):
             print(f"removed {path}, left by an interrupted earlier merge", flush=True)
@@ -264,6 +324,12 @@ class MergeTrainer(pl.Trainer):
 
 
 BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "function_preserving")
+
+
+def _output_bytes(model: InterpolationModule, export_method: str | None) -> int:
+    """About what a merge writes: the merged model in float32 if one is exported, plus curves, tables and logs."""
+    parameters = sum(p.numel() for p in model.model_a.parameters())
+    return (4 * parameters if export_method is not None else 0) + 16 * 2**20
 
 
 def _parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:

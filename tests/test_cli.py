@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,28 @@ def test_fit_resumes_from_last(fitted, tmp_path) -> None:
     args = tiny_fit_args(fitted, corpus, 0)
     args[args.index("--trainer.max_steps") + 1] = "4"
     assert run_cli([*args, "--ckpt_path", "last"]) == 0
+
+
+def test_fit_refuses_a_finished_run_unless_resumed_or_overwritten(fitted, tmp_path, capsys) -> None:
+    args = tiny_fit_args(fitted, fitted / "corpus.txt", 1)
+    export = (fitted / "seed1" / "hf" / "model.safetensors").read_bytes()
+    assert run_cli(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "holds a finished run; resume it with --ckpt_path last" in err[0]
+    assert (fitted / "seed1" / "hf" / "model.safetensors").read_bytes() == export  # the finished model is untouched
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted / "seed1", copy / "seed1")
+    assert run_cli([*tiny_fit_args(copy, fitted / "corpus.txt", 1), "--overwrite", "true"]) == 0
+
+
+def test_a_truncated_checkpoint_on_resume_is_one_line(fitted, tmp_path, capsys) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted / "seed0", copy / "seed0")
+    last = copy / "seed0" / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    assert run_cli([*tiny_fit_args(copy, fitted / "corpus.txt", 0), "--ckpt_path", "last"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"checkpoint {last} is corrupt or truncated" in err[0]
 
 
 def test_merge_subcommand_writes_every_output(fitted, tmp_path) -> None:

@@ -126,6 +126,17 @@ def test_max_blocks_spread_and_caches(corpus, cache, monkeypatch):
     assert len(list((cache / "tokenizers").iterdir())) == 1
 
 
+def test_a_truncated_blocks_cache_is_rebuilt_with_one_line(corpus, tmp_path, capsys):
+    first = _dm(corpus, tmp_path / "cache").blocks("train")
+    (cached,) = (tmp_path / "cache" / "mlm").glob("blocks-train-*.npy")
+    cached.write_bytes(cached.read_bytes()[:-100])  # a copy cut short by a kill or a full disk
+    capsys.readouterr()
+    again = _dm(corpus, tmp_path / "cache").blocks("train")
+    assert np.array_equal(again, first)
+    out = capsys.readouterr().out
+    assert f"cache file {cached} does not match its recorded digest" in out and "rebuilding it" in out
+
+
 def test_existing_tokenizer_dir(datamodule, corpus, cache, tmp_path):
     datamodule.tokenizer.save_pretrained(tmp_path / "tok")
     dm = _dm(corpus, cache, tokenizer=str(tmp_path / "tok"), vocab_size=5000)  # vocab_size is ignored

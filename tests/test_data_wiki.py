@@ -75,6 +75,23 @@ def test_load_articles_caches(tmp_path, monkeypatch):
     assert wiki.load_articles(dump, cache=tmp_path / "cache") == first
 
 
+@pytest.mark.parametrize("damage", ["cut_at_a_line_end", "no_digest"])
+def test_a_damaged_article_cache_is_rebuilt_with_one_line(tmp_path, capsys, damage):
+    dump = _dump(tmp_path / "dump.xml.bz2", [_page(f"A{i}", PROSE) for i in range(4)])
+    first = wiki.load_articles(dump, cache=tmp_path / "cache")
+    (cached,) = (tmp_path / "cache" / "wikipedia").glob("*.jsonl")
+    if damage == "cut_at_a_line_end":  # still valid JSONL: read as it is, it would silently lose half the articles
+        lines = cached.read_text().splitlines(keepends=True)
+        cached.write_text("".join(lines[: len(lines) // 2]))
+    else:
+        cached.with_name(cached.name + ".sha256").unlink()
+    capsys.readouterr()
+    assert wiki.load_articles(dump, cache=tmp_path / "cache") == first
+    out = capsys.readouterr().out
+    assert f"cache file {cached}" in out and "rebuilding it" in out
+    assert wiki.load_articles(dump, cache=tmp_path / "cache") == first  # and the rebuilt one is trusted again
+
+
 def test_empty_corpus_after_cleaning(tmp_path):
     dump = _dump(tmp_path / "dump.xml.bz2", [_page("R", "#REDIRECT [[X]]"), _page("T", "{{only a template}}")])
     with pytest.raises(DataError, match="no article .* left after cleaning.*lower min_chars"):

@@ -104,6 +104,18 @@ def test_changed_arguments_rerun_a_stage_and_what_depends_on_it(tmp_path, monkey
     assert [argv[0] for argv in changed.calls] == ["fit", "fit", "merge"]  # new pretraining invalidates the merge
 
 
+def test_a_stage_folder_with_files_the_study_did_not_write_is_never_deleted(tmp_path, monkeypatch) -> None:
+    study = tmp_path / "study"
+    foreign = study / "pretrain" / "seed1" / "my_notes.txt"
+    foreign.parent.mkdir(parents=True)
+    foreign.write_text("mine")
+    monkeypatch.setattr(subprocess, "run", FakeLm())
+    with pytest.raises(StageError, match="pretrain seed 1.*holds files this study did not write.*nothing was deleted"):
+        reproduce(str(study), [0, 1])
+    assert foreign.read_text() == "mine"
+    assert (study / "pretrain" / "seed0" / COMPLETE_MARKER).is_file()  # the stages before it ran
+
+
 def test_failed_stage_names_its_log(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(subprocess, "run", FakeLm(fail_on="pretrain/seed1"))
     with pytest.raises(StageError, match=r"pretrain seed 1.*pretrain_seed_1\.log.*something broke"):

@@ -16,6 +16,7 @@ from lightning_merge.errors import (
     CheckpointError,
     ConfigError,
     DataError,
+    OutputError,
     OutputExistsError,
     UnknownNameError,
 )
@@ -241,6 +242,19 @@ def test_only_a_complete_merge_counts_as_an_earlier_run(tmp_path, permuted_pair,
     assert json.loads((run / "barriers.json").read_text()) == json.loads(json.dumps(results["barriers"]))
     with pytest.raises(OutputExistsError, match="--overwrite"):
         merge(tmp_path, model_a, model_b, ["vanilla"], export_method=None)
+
+
+def test_a_merge_without_room_for_its_outputs_stops_before_any_work(tmp_path, permuted_pair, monkeypatch) -> None:
+    from collections import namedtuple
+
+    from lightning_merge import io
+
+    model_a, model_b, _ = permuted_pair
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(io.shutil, "disk_usage", lambda path: usage(2**30, 2**30 - 2**20, 2**20))  # 1 MiB free
+    with pytest.raises(OutputError, match="the merge's outputs needs about 1[67] MiB in .*, but only 1 MiB are free"):
+        merge(tmp_path, model_a, model_b, ["vanilla", "ff+attn+res"])
+    assert not (tmp_path / "run" / "barriers.json").exists()
 
 
 def test_existing_run_is_not_overwritten(tmp_path, permuted_pair) -> None:

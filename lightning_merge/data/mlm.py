@@ -19,6 +19,7 @@ Batches are dicts of ``(batch, block_size)`` int64 tensors: ``input_ids``, ``att
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 from itertools import chain
@@ -36,7 +37,7 @@ from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
 from lightning_merge.data.tensors import TensorDictDataset
 from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer
 from lightning_merge.errors import ConfigError, DataError
-from lightning_merge.io import atomic_file
+from lightning_merge.io import read_verified, write_verified
 
 # Bump when the packing changes, so cached blocks are rebuilt.
 BLOCKS_VERSION = 1
@@ -194,12 +195,14 @@ class MLMDataModule(pl.LightningDataModule):
         if split not in self._blocks:
             dataset = self._load_splits()[split]
             path = self._blocks_path(split)
-            if path.is_file():
-                blocks = np.load(path)
+            data = read_verified(path)  # a damaged or truncated copy is rebuilt
+            if data is not None:
+                blocks = np.load(io.BytesIO(data))
             else:
                 blocks = pack_blocks(dataset, self.tokenizer, self.block_size)
-                with atomic_file(path) as tmp, open(tmp, "wb") as handle:
-                    np.save(handle, blocks)
+                buffer = io.BytesIO()
+                np.save(buffer, blocks)
+                write_verified(path, buffer.getvalue())
             if len(blocks) == 0:
                 raise DataError(
                     f"the {split} split of {self.source.describe()} does not fill one block of {self.block_size} "

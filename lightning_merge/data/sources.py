@@ -21,6 +21,7 @@ from typing import Literal
 
 import datasets
 import datasets.exceptions
+from datasets.exceptions import DatasetGenerationError
 
 from lightning_merge.data import wiki
 from lightning_merge.data.offline import cache_dir
@@ -190,6 +191,8 @@ def _builder_for(files: list[str]) -> str:
     for file in files:
         if not Path(file).is_file():
             raise DataError(f"local data file {file} does not exist; fix the path or create the file")
+        if Path(file).stat().st_size == 0:
+            raise DataError(f"local data file {file} is empty; give it text or leave it out")
         suffixes = [s for s in Path(file).suffixes if s not in (".gz", ".bz2", ".xz", ".zst")]
         suffix = suffixes[-1].lower() if suffixes else ""
         if suffix not in _BUILDERS:
@@ -231,13 +234,17 @@ class LocalFilesSource(TextSource):
     def _load(self, files: list[str]) -> datasets.Dataset:
         builder = _builder_for(files)
         options = {"sample_by": self.sample_by} if builder == "text" else {}
-        dataset = datasets.load_dataset(
-            builder,
-            data_files=[str(Path(f).resolve()) for f in files],
-            split="train",
-            cache_dir=_datasets_cache(),
-            **options,
-        )
+        try:
+            dataset = datasets.load_dataset(
+                builder,
+                data_files=[str(Path(f).resolve()) for f in files],
+                split="train",
+                cache_dir=_datasets_cache(),
+                **options,
+            )
+        except DatasetGenerationError as err:  # e.g. a file of blank lines or of unreadable JSON
+            cause = err.__cause__ or err
+            raise DataError(f"could not read local files {', '.join(files)}: {str(cause).splitlines()[0]}") from err
         column = TEXT if builder == "text" else self.column
         return _text_only(dataset, column, f"local files {', '.join(files)}")
 

@@ -20,7 +20,7 @@ from xml.etree import ElementTree
 
 from lightning_merge.data.offline import cache_dir, fetch, sha256_file
 from lightning_merge.errors import DataError
-from lightning_merge.io import atomic_write_text
+from lightning_merge.io import read_verified, write_verified
 
 # Bump when strip_markup changes output, so stale caches are not reused.
 CLEANER_VERSION = 1
@@ -225,15 +225,16 @@ def load_articles(dump: str | Path | None = None, min_chars: int = 200, cache: P
         raise DataError(f"MediaWiki dump {path} does not exist; pass an existing .xml/.xml.bz2 file")
     key = f"{sha256_file(path)[:16]}-c{CLEANER_VERSION}-m{min_chars}"
     cached = (cache or cache_dir()) / "wikipedia" / f"articles-{key}.jsonl"
-    if cached.is_file():
-        return [Article(**json.loads(line)) for line in cached.read_text("utf-8").splitlines()]
+    data = read_verified(cached)  # a damaged or cut copy is rebuilt, never half-read
+    if data is not None:
+        return [Article(**json.loads(line)) for line in data.decode("utf-8").splitlines()]
     articles = parse_dump(path, min_chars)
     if not articles:
         raise DataError(
             f"no article of {path} is left after cleaning (min_chars={min_chars}); "
             "check that it is a MediaWiki dump with main-namespace pages, or lower min_chars"
         )
-    atomic_write_text(cached, "".join(json.dumps(a.__dict__, ensure_ascii=False) + "\n" for a in articles))
+    write_verified(cached, "".join(json.dumps(a.__dict__, ensure_ascii=False) + "\n" for a in articles).encode())
     return articles
 
 

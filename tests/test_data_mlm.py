@@ -94,12 +94,18 @@ def test_validation_masks_fixed(datamodule, corpus, cache):
     assert not torch.equal(reseeded.validation_tensors()["labels"], first["labels"])
 
 
-def test_training_masks_follow_global_seed(datamodule):
+def test_training_order_and_masks_follow_the_run_seed_not_the_global_state(datamodule):
     torch.manual_seed(3)
-    first = next(iter(datamodule.train_dataloader()))
+    loader = datamodule.train_dataloader()
+    torch.rand(100)  # draws from the global state in between change nothing
+    first = next(iter(loader))
     torch.manual_seed(3)
     second = next(iter(datamodule.train_dataloader()))
-    assert torch.equal(first["labels"], second["labels"])
+    assert torch.equal(first["input_ids"], second["input_ids"]) and torch.equal(first["labels"], second["labels"])
+    torch.manual_seed(4)
+    other = next(iter(datamodule.train_dataloader()))
+    assert not torch.equal(first["input_ids"], other["input_ids"])
+    assert (first["labels"] != -100).any()  # masked at all
 
 
 def test_unigram_baseline(datamodule):

@@ -63,6 +63,39 @@ def test_a_killed_fit_resumes_from_its_last_checkpoint(tmp_path) -> None:
     assert run_cli(args) == 2  # now finished: a fresh fit into it is refused
 
 
+def test_a_resumed_fit_trains_on_what_the_interrupted_one_would_have(tmp_path, monkeypatch) -> None:
+    """Interrupted at step 45 of 100 (mid-epoch: ~70 batches an epoch) and resumed from its step-40 checkpoint, the
+    run ends with the model of an uninterrupted run: same batches, same masks, same optimiser state."""
+    from safetensors.torch import load_file
+
+    from lightning_merge.modules.mlm import MLMModule
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+
+    def fit(root: Path, *extra: str) -> int:
+        args = tiny_fit_args(root, corpus, 0)
+        args[args.index("--trainer.max_steps") + 1] = "100"
+        args[args.index("--trainer.val_check_interval") + 1] = "20"
+        return run_cli([*args, *extra])
+
+    assert fit(tmp_path / "whole") == 0
+
+    def interrupt(module, batch, batch_idx):
+        if module.global_step == 45:
+            raise KeyboardInterrupt  # as Ctrl-C would: Lightning shuts down without its end-of-training hooks
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MLMModule, "on_train_batch_start", interrupt, raising=False)
+        assert fit(tmp_path / "parts") != 0
+    checkpoint = torch.load(tmp_path / "parts" / "seed0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 40 and not (tmp_path / "parts" / "seed0" / "hf").exists()
+    assert fit(tmp_path / "parts", "--ckpt_path", "last") == 0
+    whole, parts = (load_file(tmp_path / run / "seed0" / "hf" / "model.safetensors") for run in ("whole", "parts"))
+    assert whole.keys() == parts.keys()
+    for name, tensor in whole.items():
+        torch.testing.assert_close(parts[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("kill_when", ["alignments.safetensors", "barriers.json"])
 def test_a_killed_merge_is_redone_unless_its_marker_says_it_finished(tmp_path, kill_when) -> None:
     corpus = write_corpus(tmp_path / "corpus.txt")

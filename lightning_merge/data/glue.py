@@ -29,11 +29,13 @@ from typing import Any
 
 import datasets
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from lightning_merge.data import wiki
 from lightning_merge.data.offline import cache_dir, fetch
+from lightning_merge.data.tensors import ResumableLoader
 from lightning_merge.data.tokenizer import load_tokenizer
 from lightning_merge.errors import ConfigError, DataError, UnknownNameError
 
@@ -550,7 +552,13 @@ class GLUEDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(TRAIN, shuffle=True)
+        """The training split, shuffled in an order fixed by the run's seed; its position is checkpointed, so a run
+        resumed with ``--ckpt_path last`` continues the epoch where the interrupted one stopped."""
+        if TRAIN not in self.datasets:
+            return self._loader(TRAIN, shuffle=True)  # names the missing split
+        collate = DataCollatorWithPadding(self.tokenizer)
+        return ResumableLoader(self.datasets[TRAIN], self.hparams.batch_size, torch.initial_seed(), collate,
+                               self.hparams.num_workers)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.task.validation_splits]

@@ -34,7 +34,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from lightning_merge.data.offline import cache_dir as default_cache_dir
 from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
-from lightning_merge.data.tensors import TensorDictDataset
+from lightning_merge.data.tensors import ResumableLoader, TensorDictDataset
 from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer
 from lightning_merge.errors import ConfigError, DataError
 from lightning_merge.io import read_verified, write_verified
@@ -48,6 +48,27 @@ _MAP_BATCH = 1000
 
 def _texts(dataset: datasets.Dataset):
     return (text for batch in dataset.iter(batch_size=_MAP_BATCH) for text in batch[TEXT])
+
+
+class SeededMasking:
+    """MLM masking whose random draws are seeded by the run's seed and the batch's own tokens: the same batch is
+    masked the same way whenever it is drawn, so a resumed run needs no global random state restored.
+
+    Args:
+        tokenizer: the tokenizer (its mask token and vocabulary).
+        probability: share of tokens masked (80 % [MASK], 10 % random, 10 % unchanged).
+        seed: the run's seed.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, probability: float, seed: int) -> None:
+        self.tokenizer, self.probability, self.seed = tokenizer, probability, seed
+
+    def __call__(self, rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        tokens = torch.stack([row["input_ids"] for row in rows]).numpy().tobytes()
+        key = (self.seed % 2**64).to_bytes(8, "little")
+        batch_seed = int.from_bytes(hashlib.blake2b(tokens, digest_size=8, key=key).digest(), "little") % 2**63
+        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.probability, seed=batch_seed)
+        return collator(rows)
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -257,10 +278,15 @@ class MLMDataModule(pl.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
-        """Training blocks, shuffled, masked anew each batch by ``DataCollatorForLanguageModeling``."""
+        """Training blocks, shuffled, masked anew each batch by ``DataCollatorForLanguageModeling``.
+
+        Order and masks follow the run's seed (``torch.initial_seed()``, which ``seed_everything`` sets) and not the
+        global random state, and the loader's position is checkpointed: a run resumed with ``--ckpt_path last``
+        trains on the same batches, masked the same way, as the run that was interrupted would have."""
         features = self._features(_spread(self.blocks("train"), self.max_train_blocks))
-        collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.mlm_probability)
-        return self._loader(TensorDictDataset(features), shuffle=True, collate_fn=collator)
+        seed = torch.initial_seed()
+        masking = SeededMasking(self.tokenizer, self.mlm_probability, seed)
+        return ResumableLoader(TensorDictDataset(features), self.batch_size, seed, masking, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         """Validation blocks with fixed masks, in a fixed order."""

@@ -49,6 +49,16 @@ def test_cache_shared_across_calls(tmp_path, monkeypatch):
     assert not any(p.name.startswith(".") for p in (tmp_path / "tokenizers").iterdir())  # no temp leftovers
 
 
+def test_a_damaged_cached_tokenizer_is_trained_again(tmp_path, capsys):
+    first = cached_wordpiece(TEXTS, 200, tmp_path)
+    (target,) = (tmp_path / "tokenizers").iterdir()
+    data = (target / "tokenizer.json").read_bytes()
+    (target / "tokenizer.json").write_bytes(data[: len(data) // 2])
+    again = cached_wordpiece(TEXTS, 200, tmp_path)
+    assert again.get_vocab() == first.get_vocab()
+    assert f"cached tokenizer {target} is unreadable" in capsys.readouterr().out
+
+
 def test_corpus_hash_is_length_prefixed():
     assert corpus_hash(["ab", "c"]) != corpus_hash(["a", "bc"])
 

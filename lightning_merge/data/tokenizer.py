@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -198,6 +199,12 @@ def cached_wordpiece(
     digest = corpus_digest or corpus_hash(texts)
     key = hashlib.sha256(json.dumps([digest, vocab_size, sorted(options.items())]).encode()).hexdigest()[:16]
     target = (cache or cache_dir()) / "tokenizers" / f"wordpiece-{vocab_size}-{key}"
+    if (target / "tokenizer.json").is_file():
+        try:
+            return load_tokenizer(str(target))
+        except DataError as err:  # a cached file damaged after it was written: train it again
+            print(f"cached tokenizer {target} is unreadable ({err.__cause__ or err}); rebuilding it", flush=True)
+            shutil.rmtree(target, ignore_errors=True)
     if not (target / "tokenizer.json").is_file():
         tokenizer = train_wordpiece(texts, vocab_size, **options)
         try:

@@ -47,10 +47,26 @@ def tiny_fit_args(tmp_path: Path, corpus: Path, seed: int = 0) -> list[str]:
 
 
 def test_help_lists_subcommands(capsys) -> None:
+    from lightning_merge.cli import SUBCOMMANDS
+    from lightning_merge.lightning_cli import LightningMergeCLI
+
     assert run_cli(["--help"]) == 0
     out = capsys.readouterr().out
-    for subcommand in ("fit", "validate", "test", "merge", "reproduce"):
-        assert subcommand in out
+    assert set(SUBCOMMANDS) == {*LightningMergeCLI.subcommands(), "reproduce"}  # the static list cannot rot
+    for subcommand in SUBCOMMANDS:
+        assert f"  {subcommand} " in out
+    assert run_cli(["merge", "--help"]) == 0 and "--methods" in capsys.readouterr().out
+
+
+def test_top_level_help_imports_neither_torch_nor_lightning() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from lightning_merge.cli import main; main(['--help']); "
+            "assert not {'torch', 'pytorch_lightning'} & set(sys.modules), 'heavy import'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lm-merge <subcommand> --help" in result.stdout
 
 
 @pytest.mark.parametrize("config", CONFIGS)

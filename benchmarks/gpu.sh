@@ -27,7 +27,7 @@ main() {
 
     local base=(--presets base --vocab 30522 --feature-tokens 1048576 --eval-tokens 1048576 --precision bf16-mixed
                 --batch-size 256 --statistics-batch-size 64)
-    python3 benchmarks/merge_pipeline.py "${base[@]}" --output "$out/merge_pipeline_base.json" || failed=1
+    python3 benchmarks/merge_pipeline.py "${base[@]}" --statistics-dtype float64 --output "$out/merge_pipeline_base.json" || failed=1
     python3 benchmarks/merge_pipeline.py "${base[@]}" --statistics-dtype float32 \
         --output "$out/merge_pipeline_base_float32.json" || failed=1
 

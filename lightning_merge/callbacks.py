@@ -15,7 +15,7 @@ from torch import Tensor
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
 from lightning_merge.merge.features import PairStatisticsRecorder
-from lightning_merge.merge.stats import MergeStatistics, product_dtype
+from lightning_merge.merge.stats import STATISTICS_DTYPE, MergeStatistics, product_dtype
 
 
 class HFExport(pl.Callback):
@@ -51,14 +51,14 @@ class MergeCallback(pl.Callback):
     Args:
         features: the feature sets to record (names in the spec's ``points``: what the methods declare they read).
         special_token_ids: token ids to leave out of the statistics (the paper keeps special tokens: None).
-        statistics_dtype: ``float64`` or ``float32``: the dtype of the per-block products (sums stay float64).
+        statistics_dtype: ``float32`` (default) or ``float64``: the dtype of the per-block products (sums stay float64).
     """
 
     def __init__(
         self,
         features: Sequence[str],
         special_token_ids: Sequence[int] | None = None,
-        statistics_dtype: str = "float64",
+        statistics_dtype: str = STATISTICS_DTYPE,
     ) -> None:
         self.features = list(features)
         self.statistics_dtype = statistics_dtype

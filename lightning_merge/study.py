@@ -14,7 +14,10 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from lightning_merge.report import MERGE_COMPLETE
 
 COMPLETE_MARKER = ".stage_complete.json"
 STARTED_MARKER = ".stage_started.json"  # this study wrote the folder: it may clear it to restart the stage
+PROGRESS_INTERVAL_S = 60.0  # how often a running stage prints its elapsed and expected remaining time
 
 
 class StageError(LightningMergeError):
@@ -39,6 +43,7 @@ class Stage:
     argv: tuple[str, ...]
     outputs: tuple[str, ...]
     inputs: tuple[Path, ...] = ()  # run dirs of the stages this one reads
+    kind: str = ""  # stages of one kind take about as long (e.g. "merge mlm"): one's time estimates the others'
 
     @property
     def fingerprint(self) -> str:
@@ -47,6 +52,12 @@ class Stage:
         upstream = [_recorded_fingerprint(path) for path in self.inputs]
         named_files = [_file_digest(arg) for arg in self.argv]
         return hashlib.sha256(json.dumps([self.argv, named_files, upstream]).encode()).hexdigest()[:16]
+
+    @property
+    def recorded_seconds(self) -> float | None:
+        """How long this stage took when it last finished (also under other arguments), if it ever did."""
+        marker = self.run_dir / COMPLETE_MARKER
+        return json.loads(marker.read_text()).get("seconds") if marker.is_file() else None
 
     def is_complete(self) -> bool:
         marker = self.run_dir / COMPLETE_MARKER
@@ -84,7 +95,7 @@ def _pretrain_stages(root: Path, seeds: list[int], config: str, extra: list[str]
         Stage(f"pretrain seed {seed}", root / "pretrain" / f"seed{seed}",
               ("fit", "--config", config, "--seed_everything", str(seed),
                "--trainer.default_root_dir", str(root / "pretrain" / f"seed{seed}"), *extra),
-              ("hf/config.json",))
+              ("hf/config.json",), kind="pretrain")
         for seed in seeds
     ]
 
@@ -97,7 +108,7 @@ def _finetune_stages(root: Path, models: dict[int, str], tasks: dict[str, TaskSp
             argv = ("fit", "--config", spec.fit_config, "--seed_everything", str(seed),
                     "--trainer.default_root_dir", str(run_dir), "--model.init_args.init_from", model, *spec.fit_args)
             stages.append(Stage(f"fine-tune {task} seed {seed}", run_dir, argv, ("hf/config.json",),
-                                _run_dirs_of(model)))
+                                _run_dirs_of(model), kind=f"fine-tune {task}"))
     return stages
 
 
@@ -106,25 +117,28 @@ def _run_dirs_of(*models: str) -> tuple[Path, ...]:
     return tuple(Path(m).parent for m in models if Path(m).name == "hf")
 
 
-def _merge_stage(name: str, run_dir: Path, config: str, model_a: str, model_b: str, extra: list[str]) -> Stage:
+def _merge_stage(
+    name: str, kind: str, run_dir: Path, config: str, model_a: str, model_b: str, extra: list[str]
+) -> Stage:
     argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
             "--model.init_args.model_a", model_a, "--model.init_args.model_b", model_b,
             "--data.init_args.tokenizer", model_a, *extra)
-    return Stage(name, run_dir, argv, (MERGE_COMPLETE, "results.json"), _run_dirs_of(model_a, model_b))
+    return Stage(name, run_dir, argv, (MERGE_COMPLETE, "results.json"), _run_dirs_of(model_a, model_b), kind)
 
 
-def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
+def _run_stage(stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock) -> None:
     prefix = f"[{index}/{total}] {stage.name}"
     if stage.is_complete():
         print(f"{prefix}: complete, skipped", flush=True)
+        clock.finished(stage, None)
         return
     _clear_for_restart(stage)
     atomic_write_text(stage.run_dir / STARTED_MARKER, json.dumps({"argv": list(stage.argv)}) + "\n")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (stage.name.replace(" ", "_") + ".log")
-    print(f"{prefix}: running (log: {log_path})", flush=True)
+    print(f"{prefix}: running (log: {log_path}); {clock.outlook(stage, 0.0)}", flush=True)
     start = time.perf_counter()
-    with open(log_path, "w") as log:
+    with open(log_path, "w") as log, _progress_lines(prefix, stage, clock, start):
         result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log)
     if result.returncode != 0:
         reason = _last_line(log_path)
@@ -135,7 +149,80 @@ def _run_stage(stage: Stage, index: int, total: int, log_dir: Path) -> None:
     seconds = time.perf_counter() - start
     marker = {"fingerprint": stage.fingerprint, "argv": list(stage.argv), "seconds": round(seconds, 1)}
     atomic_write_text(stage.run_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
-    print(f"{prefix}: done in {seconds:.0f} s", flush=True)
+    clock.finished(stage, seconds)
+    print(f"{prefix}: done in {seconds:.0f} s; {clock.outlook(None, 0.0)}", flush=True)
+
+
+class StudyClock:
+    """Expected remaining time of a study: a stage is expected to take the mean time of the finished stages of its
+    kind, this run's and earlier runs' (their completion markers record it); a kind none of which has finished yet
+    has no estimate, and the outlook says how many such stages are left."""
+
+    def __init__(self, stages: list[Stage]) -> None:
+        self._pending = {stage.name: stage for stage in stages}  # until run or skipped
+        self._seconds: dict[str, list[float]] = {}
+        for stage in stages:
+            if stage.recorded_seconds is not None:
+                self._seconds.setdefault(stage.kind or stage.name, []).append(stage.recorded_seconds)
+
+    def expected(self, stage: Stage) -> float | None:
+        """Expected seconds of ``stage`` (None: no stage of its kind has finished)."""
+        times = self._seconds.get(stage.kind or stage.name)
+        return sum(times) / len(times) if times else None
+
+    def finished(self, stage: Stage, seconds: float | None) -> None:
+        """Record a finished (``seconds``) or skipped (None) stage."""
+        self._pending.pop(stage.name, None)
+        if seconds is not None:
+            self._seconds.setdefault(stage.kind or stage.name, []).append(seconds)
+
+    def outlook(self, running: Stage | None, elapsed: float) -> str:
+        """``running``'s expected remaining time (``elapsed`` seconds in) and the whole study's, as one phrase."""
+        left, untimed = 0.0, 0
+        for stage in self._pending.values():
+            if stage is not running and stage.is_complete():
+                continue  # will be skipped (asked now: a rerun upstream stage makes its dependants incomplete)
+            expected = self.expected(stage)
+            if expected is None:
+                untimed += 1
+            else:
+                left += max(expected - elapsed, 0.0) if stage is running else expected
+        study = f"study ~{_minutes(left)} left" if left else "study:" if untimed else "no stage left"
+        if untimed:
+            study += f"{' +' if left else ''} {untimed} stage{'s' * (untimed > 1)} not yet timed"
+        return study if running is None else f"{self._stage_outlook(running, elapsed)}; {study}"
+
+    def _stage_outlook(self, stage: Stage, elapsed: float) -> str:
+        expected = self.expected(stage)
+        if expected is None:
+            return f"{_minutes(elapsed)} in, no estimate yet" if elapsed else "no estimate yet"
+        if not elapsed:
+            return f"expected ~{_minutes(expected)}"
+        if elapsed > expected:
+            return f"{_minutes(elapsed)} in, past its ~{_minutes(expected)} estimate"
+        return f"{_minutes(elapsed)} in, ~{_minutes(expected - elapsed)} left"
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+@contextmanager
+def _progress_lines(prefix: str, stage: Stage, clock: StudyClock, start: float) -> Iterator[None]:
+    """While the stage's subprocess runs, print its elapsed and expected remaining time every minute."""
+    stop = threading.Event()
+
+    def report() -> None:
+        while not stop.wait(PROGRESS_INTERVAL_S):
+            print(f"{prefix}: {clock.outlook(stage, time.perf_counter() - start)}", flush=True)
+
+    thread = threading.Thread(target=report, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _clear_for_restart(stage: Stage) -> None:
@@ -191,8 +278,9 @@ def reproduce(
     root = Path(study_dir)
     stages = study_stages(root, seeds, pretrain_config, pretrain_args or [], mlm_merge_config, merge_args or [],
                           tasks or {}, pretrained)
+    clock = StudyClock(stages)
     for index, stage in enumerate(stages, start=1):
-        _run_stage(stage, index, len(stages), root / "logs")
+        _run_stage(stage, index, len(stages), root / "logs", clock)
     return write_study_report(root, seeds, list((tasks or {}).keys()))
 
 
@@ -209,10 +297,10 @@ def study_stages(
     stages += _finetune_stages(root, models, tasks)
     for a, b in _pairs(seeds):
         pair = f"seed{a}-seed{b}"
-        stages.append(_merge_stage(f"merge mlm {pair}", root / "merge" / "mlm" / pair, mlm_merge_config, models[a],
-                                   models[b], merge_args))
+        stages.append(_merge_stage(f"merge mlm {pair}", "merge mlm", root / "merge" / "mlm" / pair, mlm_merge_config,
+                                   models[a], models[b], merge_args))
         for task, spec in tasks.items():
             task_a, task_b = (str(root / "finetune" / task / f"seed{s}" / "hf") for s in (a, b))
-            stages.append(_merge_stage(f"merge {task} {pair}", root / "merge" / task / pair, spec.merge_config,
-                                       task_a, task_b, [*merge_args, *spec.merge_args]))
+            stages.append(_merge_stage(f"merge {task} {pair}", f"merge {task}", root / "merge" / task / pair,
+                                       spec.merge_config, task_a, task_b, [*merge_args, *spec.merge_args]))
     return stages

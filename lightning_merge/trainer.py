@@ -32,7 +32,7 @@ from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.alignment import save_alignments
 from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
-from lightning_merge.merge.stats import product_dtype
+from lightning_merge.merge.stats import STATISTICS_DTYPE, product_dtype
 from lightning_merge.models import check_checkpoint, check_finite
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
@@ -113,7 +113,7 @@ class MergeTrainer(pl.Trainer):
         exclude_special_tokens: bool = False,
         statistics_split: str = "train",
         statistics_max_blocks: int | None = 512,
-        statistics_dtype: str = "float64",
+        statistics_dtype: str = STATISTICS_DTYPE,
         statistics_data: pl.LightningDataModule | None = None,
         statistics_batch_size: int | None = None,
         overwrite: bool = False,
@@ -134,9 +134,10 @@ class MergeTrainer(pl.Trainer):
             exclude_special_tokens: leave special tokens out of the statistics.
             statistics_split: split whose text feeds the statistics (with ``features_dataloader``).
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
-            statistics_dtype: ``float64`` (default) or ``float32``: the dtype each block's feature products are
-                formed in; the sums are float64 either way. float32 is faster (on GPUs by far) and its correlation
-                error is negligible for matching (benchmarks/statistics_precision.py measures it).
+            statistics_dtype: ``float32`` (default) or ``float64``: the dtype each block's feature products are
+                formed in (from features shifted by the block's mean); the sums are float64 either way. float32 is
+                about twice as fast on CPU (on GPUs by far) and gave the same permutations as float64 on the
+                quickstart pair (benchmarks/statistics_precision.py measures it); float64 for exact sums.
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.
             statistics_batch_size: sequences per batch of the statistics pass (default: the datamodule's). The

@@ -81,6 +81,20 @@ def test_float32_products_survive_a_large_mean_and_constant_features():
     assert (fast.correlation()[:, 3] == 0).all()
 
 
+def test_float32_products_of_tiny_features_do_not_underflow():
+    # MiniLM's last LayerNorm leaves features ~1e-32: squared in float32 they underflow, and correlated as unit-variance
+    # noise they matched the wrong neurons of a permuted copy
+    generator = torch.Generator().manual_seed(4)
+    x_a, _ = correlated(4000, 6)
+    x_a[:, :3] *= 1e-32
+    perm = torch.randperm(6, generator=generator)
+    exact, fast = PairStatistics(6), PairStatistics(6, products="float32")
+    exact.update(x_a, x_a[:, perm])
+    fast.update(x_a, x_a[:, perm])
+    torch.testing.assert_close(fast.correlation(), exact.correlation(), rtol=0, atol=1e-5)
+    assert torch.equal(fast.correlation().argmax(1), torch.argsort(perm))
+
+
 def test_non_finite_features_correlate_zero():
     x_a, x_b = correlated(100, 4)
     x_a[5, 2] = float("inf")

@@ -189,3 +189,63 @@ def test_an_edited_config_file_reruns_its_stages(tmp_path, monkeypatch) -> None:
     reproduce(str(tmp_path / "study"), [0, 1], tasks=tasks)
     rerun_dirs = [argv[argv.index("--trainer.default_root_dir") + 1] for argv in edited.calls]
     assert len(rerun_dirs) == 3 and all("rt_polarity" in d for d in rerun_dirs)  # 2 fine-tunes + their merge
+
+
+class TimedFakeLm(FakeLm):
+    """A `FakeLm` whose stages take simulated seconds by kind (fit 120 s, merge 30 s) on a fake clock."""
+
+    def __init__(self, clock: list[float]) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def __call__(self, command: list[str], stdout=None, stderr=None) -> subprocess.CompletedProcess:
+        self.clock[0] += 120.0 if command[3] == "fit" else 30.0
+        return super().__call__(command, stdout, stderr)
+
+
+def test_each_stage_line_shows_its_expected_and_the_study_remaining_time(tmp_path, monkeypatch, capsys) -> None:
+    import lightning_merge.study as study
+
+    clock = [0.0]
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock))
+    reproduce(str(tmp_path), [0, 1, 2])  # 3 pretrain stages, then 3 merges
+    lines = capsys.readouterr().out.splitlines()
+    running = [line for line in lines if ": running" in line]
+    assert running[0].endswith("no estimate yet; study: 6 stages not yet timed")
+    # after one pretrain: the other two are expected to take as long; merges are not timed yet
+    assert running[1].endswith("expected ~2.0 min; study ~4.0 min left + 3 stages not yet timed")
+    assert running[4].endswith("expected ~0.5 min; study ~1.0 min left")
+    last = [line for line in lines if "done in" in line][-1]
+    assert last == "[6/6] merge mlm seed1-seed2: done in 30 s; no stage left"
+
+
+def test_a_rerun_estimates_from_the_earlier_runs_times(tmp_path, monkeypatch, capsys) -> None:
+    import lightning_merge.study as study
+
+    clock = [0.0]
+    monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock))
+    reproduce(str(tmp_path), [0, 1])
+    capsys.readouterr()
+    reproduce(str(tmp_path), [0, 1], pretrain_args=["--trainer.max_steps", "3"])  # every stage reruns
+    first = [line for line in capsys.readouterr().out.splitlines() if ": running" in line][0]
+    assert first.endswith("expected ~2.0 min; study ~4.5 min left")  # 2 pretrains and 1 merge, as last time
+
+
+def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> None:
+    import time
+
+    import lightning_merge.study as study
+
+    class SlowFakeLm(FakeLm):
+        def __call__(self, command, stdout=None, stderr=None):
+            time.sleep(0.3)
+            return super().__call__(command, stdout, stderr)
+
+    monkeypatch.setattr(study, "PROGRESS_INTERVAL_S", 0.05)
+    monkeypatch.setattr(subprocess, "run", SlowFakeLm())
+    reproduce(str(tmp_path), [0, 1])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("[1/3] pretrain seed 0: 0.0 min in, no estimate yet") for line in lines)
+    assert any(line.startswith("[2/3] pretrain seed 1: 0.0 min in, ~0.0 min left") for line in lines)

@@ -22,7 +22,7 @@ import torch
 
 from lightning_merge.errors import ArchitectureMismatch, DataError
 from lightning_merge.merge.spec import FeaturePoint, PermutationSpec
-from lightning_merge.merge.stats import MergeStatistics
+from lightning_merge.merge.stats import STATISTICS_DTYPE, MergeStatistics
 
 Features = dict[str, dict[str, torch.Tensor]]
 
@@ -226,7 +226,7 @@ def collect_statistics(
     groups: Iterable[str] | None = None,
     device: torch.device | str | None = None,
     exclude_special_tokens: bool = False,
-    products: str = "float64",
+    products: str = STATISTICS_DTYPE,
 ) -> MergeStatistics:
     """Run both models over ``batches`` and accumulate `MergeStatistics` (the plain-PyTorch statistics pass).
 
@@ -240,7 +240,8 @@ def collect_statistics(
         device: where the float64 sums live (default: model A's device).
         exclude_special_tokens: leave out tokens marked in the batch's ``special_tokens_mask`` (the paper keeps
             them, so the default is False).
-        products: dtype of each block's feature products (``float64`` or ``float32``; see `PairStatistics`).
+        products: dtype of each block's feature products (``float32``, the default, or ``float64``; see
+            `PairStatistics`).
 
     Returns:
         The accumulated statistics.

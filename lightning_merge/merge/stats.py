@@ -5,9 +5,11 @@ x_b, x_a², x_b² and x_a x_bᵀ (A's features against B's). The sums combine ex
 `state_tensors`), and the Pearson correlation is computed from them at the end; features that are dead or constant
 get correlation 0 with everything, never NaN.
 
-The products of each block of tokens are formed in float64 by default; ``products="float32"`` forms them in float32
-from features shifted by the block's mean and adds them, with the shift's terms, into float64 sums, so rounding
-neither grows with the number of tokens nor is amplified by features whose mean dwarfs their spread. They follow
+`PairStatistics` forms the products of each block of tokens in float64 by default (the statistics pass defaults to
+`STATISTICS_DTYPE`); ``products="float32"`` forms them in float32 from features shifted by the block's mean and
+scaled to unit range, and adds them, with the shift's and scale's terms, into float64 sums, so rounding neither grows
+with the number of tokens nor is amplified by features whose mean dwarfs their spread, and tiny features do not
+underflow. They follow
 torch's float32 matmul precision (TF32 where the user enables it). ``benchmarks/statistics_precision.py`` measures
 the correlation error and whether matching changes.
 """
@@ -31,6 +33,9 @@ DEAD_RELATIVE_VARIANCE = 1e-10
 UPDATE_BLOCK_BYTES = {"cpu": 4 * 2**20}
 UPDATE_BLOCK_BYTES_ACCELERATOR = 256 * 2**20
 PRODUCT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
+# The statistics pass's default: on the quickstart pair float32 products give the same permutations as float64 (largest
+# correlation difference below 1e-7) at about half the product time (benchmarks/statistics_precision.py).
+STATISTICS_DTYPE = "float32"
 
 
 def product_dtype(name: str) -> torch.dtype:
@@ -95,21 +100,28 @@ class PairStatistics:
             self._update_block_shifted(a, b)
 
     def _update_block_shifted(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        """Low-precision products of the block shifted by its own mean, the shift added back in float64.
+        """Low-precision products of the block shifted by its own mean and scaled per feature, both undone in float64.
 
         For any shift k, sum(x y) = sum((x-k)(y-k')) + k sum(y-k') + sum(x-k) k' + n k k'. Unshifted float32 products
-        of features whose mean dwarfs their spread (LayerNorm outliers) would lose the covariance to rounding.
+        of features whose mean dwarfs their spread (LayerNorm outliers) would lose the covariance to rounding; and
+        features near zero (a LayerNorm gain near 0 leaves values ~1e-32 in real models) would underflow when
+        squared, so each feature is divided by its largest shifted magnitude first and the sums multiplied back.
         """
         n = a.shape[0]
         shift_a, shift_b = a.mean(0), b.mean(0)
         a, b = a - shift_a, b - shift_b
-        total_a, total_b = a.sum(0, dtype=torch.float64), b.sum(0, dtype=torch.float64)
+        scale_a, scale_b = _unit_scale(a), _unit_scale(b)
+        a, b = a / scale_a, b / scale_b
+        # the block's own sums in the products' dtype, like its cross products (a float64 sum would convert the
+        # whole block first); the scaled, centred values keep them well inside float32's range
+        scale_a, scale_b = scale_a.double(), scale_b.double()
+        total_a, total_b = a.sum(0).double() * scale_a, b.sum(0).double() * scale_b
         shift_a, shift_b = shift_a.double(), shift_b.double()
         self.sum_a += total_a + n * shift_a
         self.sum_b += total_b + n * shift_b
-        self.sq_a += a.square().sum(0, dtype=torch.float64) + 2 * shift_a * total_a + n * shift_a.square()
-        self.sq_b += b.square().sum(0, dtype=torch.float64) + 2 * shift_b * total_b + n * shift_b.square()
-        self.cross += a.T @ b
+        self.sq_a += a.square().sum(0).double() * scale_a.square() + 2 * shift_a * total_a + n * shift_a.square()
+        self.sq_b += b.square().sum(0).double() * scale_b.square() + 2 * shift_b * total_b + n * shift_b.square()
+        self.cross += (a.T @ b).double().mul_(scale_a[:, None]).mul_(scale_b[None, :])
         self.cross.addr_(shift_a, total_b).addr_(total_a, shift_b).addr_(shift_a, shift_b, alpha=n)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
@@ -149,6 +161,12 @@ class PairStatistics:
         if self.count.item() == 0:
             raise DataError("no tokens were recorded for these statistics; feed at least one non-padding token")
         return self.cross / self.count
+
+
+def _unit_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per feature (column), the largest magnitude of ``x``; 1 where the column is all zeros."""
+    scale = x.abs().amax(0)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:

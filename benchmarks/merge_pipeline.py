@@ -34,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -144,17 +145,33 @@ class PhaseMemory(pl.Callback):
         self.mark("after_merge")
 
 
+# Plain forwards are timed this many times and averaged: one pass of a tiny model varies by a third between runs,
+# while a curve's time is already an average over its points.
+FORWARD_REPEATS = 3
+
+
+def _mean_seconds(run: Any, device: torch.device) -> float:
+    total = 0.0
+    for _ in range(FORWARD_REPEATS):
+        start = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total += time.perf_counter() - start
+    return total / FORWARD_REPEATS
+
+
 def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision: str) -> float:
     """One plain forward pass of the objective over the evaluation data: the floor of one curve point."""
     device = module.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
-    start = time.perf_counter()
-    with torch.no_grad(), autocast:
-        for batch in loader:
-            module.objective({k: v.to(device) for k, v in batch.items()})
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def run() -> None:
+        with torch.inference_mode(), autocast:  # as the test loop runs the curves
+            for batch in loader:
+                module.objective({k: v.to(device) for k, v in batch.items()})
+
+    return _mean_seconds(run, device)
 
 
 def _pair_forwards_seconds(module: InterpolationModule, loader: DataLoader, encoder_only: bool) -> float:
@@ -163,15 +180,15 @@ def _pair_forwards_seconds(module: InterpolationModule, loader: DataLoader, enco
     them (the heads make no features); otherwise the models' own forward, heads included."""
     device = module.device
     models = [m.base_model if encoder_only else m for m in (module.model_a, module.model_b)]
-    start = time.perf_counter()
-    with torch.inference_mode():
-        for batch in loader:
-            inputs = {k: v.to(device) for k, v in batch.items()}
-            for model in models:
-                model(**inputs)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+
+    def run() -> None:
+        with torch.inference_mode():
+            for batch in loader:
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                for model in models:
+                    model(**inputs)
+
+    return _mean_seconds(run, device)
 
 
 def _statistics_bytes(module: InterpolationModule, methods: list[str]) -> int:

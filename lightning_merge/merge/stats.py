@@ -32,6 +32,10 @@ DEAD_RELATIVE_VARIANCE = 1e-10
 # wait for B; on an accelerator every block costs kernel launches, so blocks are large.
 UPDATE_BLOCK_BYTES = {"cpu": 4 * 2**20}
 UPDATE_BLOCK_BYTES_ACCELERATOR = 256 * 2**20
+# float32 products take blocks of 4x as many tokens (16 MiB per float32 copy on CPU): each block also does (d_a, d_b)
+# float64 work (casting and adding its products, the shift's terms), which 256 tokens do not amortise (2048-wide
+# features: 32 ms per 256 tokens, 14 of them that work; 65 ms per 1024 tokens, 17 of them that work).
+FLOAT32_BLOCK_FACTOR = 4
 PRODUCT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # The statistics pass's default: on the quickstart pair float32 products give the same permutations as float64 (largest
 # correlation difference below 1e-7) at about half the product time (benchmarks/statistics_precision.py).
@@ -84,7 +88,8 @@ class PairStatistics:
 
     def _block_rows(self) -> int:
         block_bytes = UPDATE_BLOCK_BYTES.get(self.device.type, UPDATE_BLOCK_BYTES_ACCELERATOR)
-        return max(1, block_bytes // (8 * max(self.cross.shape)))
+        factor = FLOAT32_BLOCK_FACTOR if self.product_dtype == torch.float32 else 1
+        return max(1, factor * block_bytes // (8 * max(self.cross.shape)))
 
     def _update_block(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
         a = x_a.to(self.device, self.product_dtype)

@@ -136,7 +136,7 @@ class MergeTrainer(pl.Trainer):
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
             statistics_dtype: ``float32`` (default) or ``float64``: the dtype each block's feature products are
                 formed in (from features shifted by the block's mean); the sums are float64 either way. float32 is
-                about twice as fast on CPU (on GPUs by far) and gave the same permutations as float64 on the
+                1.2-1.8x faster on CPU (on GPUs by far) and gave the same permutations as float64 on the
                 quickstart pair (benchmarks/statistics_precision.py measures it); float64 for exact sums.
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.

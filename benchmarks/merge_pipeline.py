@@ -100,7 +100,7 @@ class PhaseMemory(pl.Callback):
     the phase that sets it says where to look.
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, sample: bool = True) -> None:
         self.device = device
         self.phase = "loading"
         self.peaks: dict[str, int] = {}
@@ -110,7 +110,8 @@ class PhaseMemory(pl.Callback):
             self._measure = lambda: torch.cuda.max_memory_allocated(device)
         elif STATM.exists():
             self._measure = _resident_bytes
-            threading.Thread(target=self._sample, daemon=True).start()
+            if sample:  # otherwise RSS is read only where a phase ends: its peak may be missed
+                threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.005):
@@ -218,7 +219,7 @@ def run_one(args: argparse.Namespace) -> dict:
                                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                                default_root_dir=tmp)
         device = trainer.strategy.root_device
-        memory = PhaseMemory(device)
+        memory = PhaseMemory(device, sample=not args.no_memory_sampling)
         trainer.callbacks.append(memory)  # before the MergeCallback, which `merge` appends
         vocab = BertForMaskedLM.config_class.from_pretrained(args.model_a).vocab_size
         data = SyntheticBlocks(vocab, args.feature_tokens, args.eval_tokens, args.batch_size, args.block_size)
@@ -252,6 +253,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "statistics_dtype": args.statistics_dtype,
         "statistics_batch_size": args.statistics_batch_size or args.batch_size,
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # the C allocator's settings (see the README)
+        "memory_sampled": not args.no_memory_sampling,
         "feature_tokens": t.get("statistics_tokens", 0),
         "eval_tokens": data.evaluation["input_ids"].numel(),
         "statistics_s": t.get("statistics_s", 0.0),
@@ -329,6 +331,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--precision", default="32-true", help="e.g. bf16-mixed on a GPU")
     parser.add_argument("--statistics-dtype", default=STATISTICS_DTYPE, help="dtype of the statistics' products")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--no-memory-sampling", action="store_true",
+                        help="time without the thread that samples RSS every 5 ms (it shares the CPU with the timed "
+                             "work); CPU peaks are then read only at phase ends")
     return parser.parse_args(argv)
 
 

@@ -175,15 +175,18 @@ def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision:
     return _mean_seconds(run, device)
 
 
-def _pair_forwards_seconds(module: InterpolationModule, loader: DataLoader, encoder_only: bool) -> float:
+def _pair_forwards_seconds(
+    module: InterpolationModule, loader: DataLoader, encoder_only: bool, precision: str
+) -> float:
     """Plain forwards of models A and B over the statistics batches (inference mode, no hooks): the floor of the
     statistics pass, which adds the feature products to them. ``encoder_only``: the base models, as the pass runs
     them (the heads make no features); otherwise the models' own forward, heads included."""
     device = module.device
     models = [m.base_model if encoder_only else m for m in (module.model_a, module.model_b)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
     def run() -> None:
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast:  # as the statistics pass runs under the trainer's precision
             for batch in loader:
                 inputs = {k: v.to(device) for k, v in batch.items()}
                 for model in models:
@@ -238,8 +241,8 @@ def run_one(args: argparse.Namespace) -> dict:
     forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
     statistics_loader = DataLoader(TensorDictDataset(data.features),
                                    batch_size=args.statistics_batch_size or args.batch_size)
-    pair_forwards_s = _pair_forwards_seconds(module, statistics_loader, encoder_only=False)
-    encoder_forwards_s = _pair_forwards_seconds(module, statistics_loader, encoder_only=True)
+    pair_forwards_s = _pair_forwards_seconds(module, statistics_loader, False, args.precision)
+    encoder_forwards_s = _pair_forwards_seconds(module, statistics_loader, True, args.precision)
     baseline = 0 if device.type == "cuda" else resident_before
     peaks = {phase: peak for phase, peak in memory.stop().items() if phase in MERGE_PHASES}
     peak = max(peaks.values(), default=float("nan"))

@@ -56,8 +56,10 @@ class Stage:
     @property
     def recorded_seconds(self) -> float | None:
         """How long this stage took when it last finished (also under other arguments), if it ever did."""
-        marker = self.run_dir / COMPLETE_MARKER
-        return json.loads(marker.read_text()).get("seconds") if marker.is_file() else None
+        try:
+            return json.loads((self.run_dir / COMPLETE_MARKER).read_text()).get("seconds")
+        except (OSError, ValueError):  # none, or damaged: no estimate from it (the stage itself will say more)
+            return None
 
     def is_complete(self) -> bool:
         marker = self.run_dir / COMPLETE_MARKER
@@ -160,21 +162,21 @@ class StudyClock:
 
     def __init__(self, stages: list[Stage]) -> None:
         self._pending = {stage.name: stage for stage in stages}  # until run or skipped
-        self._seconds: dict[str, list[float]] = {}
-        for stage in stages:
-            if stage.recorded_seconds is not None:
-                self._seconds.setdefault(stage.kind or stage.name, []).append(stage.recorded_seconds)
+        self._kinds = {stage.name: stage.kind or stage.name for stage in stages}
+        # one time per stage: a stage run again replaces its earlier run's time
+        self._seconds = {stage.name: stage.recorded_seconds for stage in stages if stage.recorded_seconds is not None}
 
     def expected(self, stage: Stage) -> float | None:
         """Expected seconds of ``stage`` (None: no stage of its kind has finished)."""
-        times = self._seconds.get(stage.kind or stage.name)
+        kind = stage.kind or stage.name
+        times = [seconds for name, seconds in self._seconds.items() if self._kinds[name] == kind]
         return sum(times) / len(times) if times else None
 
     def finished(self, stage: Stage, seconds: float | None) -> None:
         """Record a finished (``seconds``) or skipped (None) stage."""
         self._pending.pop(stage.name, None)
         if seconds is not None:
-            self._seconds.setdefault(stage.kind or stage.name, []).append(seconds)
+            self._seconds[stage.name] = seconds
 
     def outlook(self, running: Stage | None, elapsed: float) -> str:
         """``running``'s expected remaining time (``elapsed`` seconds in) and the whole study's, as one phrase."""
@@ -187,7 +189,12 @@ class StudyClock:
                 untimed += 1
             else:
                 left += max(expected - elapsed, 0.0) if stage is running else expected
-        study = f"study ~{_minutes(left)} left" if left else "study:" if untimed else "no stage left"
+        if left:
+            study = f"study ~{_minutes(left)} left"
+        elif untimed:
+            study = "study:"
+        else:
+            study = "the last stage" if running is not None else "no stage left"
         if untimed:
             study += f"{' +' if left else ''} {untimed} stage{'s' * (untimed > 1)} not yet timed"
         return study if running is None else f"{self._stage_outlook(running, elapsed)}; {study}"

@@ -87,7 +87,8 @@ def test_float32_products_of_tiny_features_do_not_underflow():
     # noise they matched the wrong neurons of a permuted copy
     generator = torch.Generator().manual_seed(4)
     x_a, _ = correlated(4000, 6)
-    x_a[:, :3] *= 1e-32
+    x_a[:, :2] *= 1e-32
+    x_a[:, 2] *= 1e-40  # below float32's normal range: 1/scale would overflow
     perm = torch.randperm(6, generator=generator)
     exact, fast = PairStatistics(6), PairStatistics(6, products="float32")
     exact.update(x_a, x_a[:, perm])

@@ -194,12 +194,12 @@ def test_an_edited_config_file_reruns_its_stages(tmp_path, monkeypatch) -> None:
 class TimedFakeLm(FakeLm):
     """A `FakeLm` whose stages take simulated seconds by kind (fit 120 s, merge 30 s) on a fake clock."""
 
-    def __init__(self, clock: list[float]) -> None:
+    def __init__(self, clock: list[float], fit_seconds: float = 120.0) -> None:
         super().__init__()
-        self.clock = clock
+        self.clock, self.fit_seconds = clock, fit_seconds
 
     def __call__(self, command: list[str], stdout=None, stderr=None) -> subprocess.CompletedProcess:
-        self.clock[0] += 120.0 if command[3] == "fit" else 30.0
+        self.clock[0] += self.fit_seconds if command[3] == "fit" else 30.0
         return super().__call__(command, stdout, stderr)
 
 
@@ -228,9 +228,22 @@ def test_a_rerun_estimates_from_the_earlier_runs_times(tmp_path, monkeypatch, ca
     monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock))
     reproduce(str(tmp_path), [0, 1])
     capsys.readouterr()
+    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock, fit_seconds=60.0))
     reproduce(str(tmp_path), [0, 1], pretrain_args=["--trainer.max_steps", "3"])  # every stage reruns
-    first = [line for line in capsys.readouterr().out.splitlines() if ": running" in line][0]
-    assert first.endswith("expected ~2.0 min; study ~4.5 min left")  # 2 pretrains and 1 merge, as last time
+    running = [line for line in capsys.readouterr().out.splitlines() if ": running" in line]
+    assert running[0].endswith("expected ~2.0 min; study ~4.5 min left")  # 2 pretrains and 1 merge, as last time
+    # seed 0's new time replaces its old one: (60 + 120) / 2 s for seed 1, not (120 + 120 + 60) / 3
+    assert running[1].endswith("expected ~1.5 min; study ~2.0 min left")
+
+
+def test_the_last_stage_past_its_estimate_is_not_called_done(tmp_path) -> None:
+    from lightning_merge.study import StudyClock
+
+    stages = study_stages(tmp_path, [0, 1, 2], "configs/mlm.yaml", [], "configs/merge/mlm.yaml", [], {})
+    clock = StudyClock(stages)
+    for stage in stages[:-1]:
+        clock.finished(stage, 30.0)
+    assert clock.outlook(stages[-1], 45.0) == "0.8 min in, past its ~0.5 min estimate; the last stage"
 
 
 def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> None:

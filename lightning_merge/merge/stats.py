@@ -32,9 +32,9 @@ DEAD_RELATIVE_VARIANCE = 1e-10
 # wait for B; on an accelerator every block costs kernel launches, so blocks are large.
 UPDATE_BLOCK_BYTES = {"cpu": 4 * 2**20}
 UPDATE_BLOCK_BYTES_ACCELERATOR = 256 * 2**20
-# float32 products take blocks of 4x as many tokens (16 MiB per float32 copy on CPU): each block also does (d_a, d_b)
-# float64 work (casting and adding its products, the shift's terms), which 256 tokens do not amortise (2048-wide
-# features: 32 ms per 256 tokens, 14 of them that work; 65 ms per 1024 tokens, 17 of them that work).
+# float32 products on CPU take blocks of 4x as many tokens (8 MiB per float32 copy of a 2048-wide block): each block
+# also does (d_a, d_b) float64 work (casting and adding its products, the shift's terms), which 256 tokens do not
+# amortise (2048-wide features: 32 ms per 256 tokens, 14 of them that work; 65 ms per 1024 tokens, 17 of them).
 FLOAT32_BLOCK_FACTOR = 4
 PRODUCT_DTYPES = {"float64": torch.float64, "float32": torch.float32}
 # The statistics pass's default: on the three quickstart pairs float32 products give the same permutations as
@@ -88,7 +88,8 @@ class PairStatistics:
 
     def _block_rows(self) -> int:
         block_bytes = UPDATE_BLOCK_BYTES.get(self.device.type, UPDATE_BLOCK_BYTES_ACCELERATOR)
-        factor = FLOAT32_BLOCK_FACTOR if self.product_dtype == torch.float32 else 1
+        cpu_float32 = self.product_dtype == torch.float32 and self.device.type == "cpu"
+        factor = FLOAT32_BLOCK_FACTOR if cpu_float32 else 1  # measured on CPU only
         return max(1, factor * block_bytes // (8 * max(self.cross.shape)))
 
     def _update_block(self, x_a: torch.Tensor, x_b: torch.Tensor) -> None:
@@ -172,7 +173,7 @@ def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     centred = x - shift
     scale = centred.abs().amax(0)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return centred.mul_(scale.reciprocal()), shift.double(), scale.double()
+    return centred.div_(scale), shift.double(), scale.double()  # 1/scale overflows below ~6e-39: divide
 
 
 def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:

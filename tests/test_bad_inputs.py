@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_cli import ROOT, run_cli, tiny_fit_args, write_corpus
+from test_cli import ROOT, fit_two_seeds, run_cli, tiny_fit_args
 
 
 @dataclass(frozen=True)
@@ -33,9 +33,7 @@ class Row:
 def paths(tmp_path_factory) -> dict:
     """Two tiny fitted seeds, one finished merge of them, and broken copies of a model, built once."""
     root = tmp_path_factory.mktemp("bad")
-    corpus = write_corpus(root / "corpus.txt")
-    for seed in (0, 1):
-        assert run_cli(tiny_fit_args(root, corpus, seed)) == 0
+    corpus = fit_two_seeds(root)
     p = {"root": root, "corpus": corpus, "a": root / "seed0" / "hf", "b": root / "seed1" / "hf",
          "empty": root / "empty.txt", "run": root / "merge_done"}
     p["empty"].write_text("")

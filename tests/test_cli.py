@@ -78,13 +78,19 @@ def test_every_shipped_config_parses(config, capsys) -> None:
     assert text
 
 
+def fit_two_seeds(root: Path) -> Path:
+    """Seeds 0 and 1 trained for two steps through `lm-merge fit` into ``root/seed{0,1}``; returns their corpus."""
+    corpus = write_corpus(root / "corpus.txt")
+    for seed in (0, 1):
+        assert run_cli(tiny_fit_args(root, corpus, seed)) == 0
+    return corpus
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Path:
     """Two tiny seeds trained for two steps through `lm-merge fit` (HF export included)."""
     root = tmp_path_factory.mktemp("fit")
-    corpus = write_corpus(root / "corpus.txt")
-    for seed in (0, 1):
-        assert run_cli(tiny_fit_args(root, corpus, seed)) == 0
+    fit_two_seeds(root)
     return root
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import ROOT, run_cli, tiny_fit_args, write_corpus
+from test_cli import ROOT, fit_two_seeds, run_cli, tiny_fit_args, write_corpus
 
 from lightning_merge.report import MERGE_COMPLETE
 
@@ -98,9 +98,7 @@ def test_a_resumed_fit_trains_on_what_the_interrupted_one_would_have(tmp_path, m
 
 @pytest.mark.parametrize("kill_when", ["alignments.safetensors", "barriers.json"])
 def test_a_killed_merge_is_redone_unless_its_marker_says_it_finished(tmp_path, kill_when) -> None:
-    corpus = write_corpus(tmp_path / "corpus.txt")
-    for seed in (0, 1):
-        assert run_cli(tiny_fit_args(tmp_path, corpus, seed)) == 0
+    corpus = fit_two_seeds(tmp_path)
     run = tmp_path / "merge"
     args = [
         "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"), "--trainer.default_root_dir", str(run),

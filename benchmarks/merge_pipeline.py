@@ -33,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -162,37 +163,37 @@ def _mean_seconds(run: Any, device: torch.device) -> float:
     return total / FORWARD_REPEATS
 
 
-def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision: str) -> float:
-    """One plain forward pass of the objective over the evaluation data: the floor of one curve point."""
-    device = module.device
+def _plain_forwards_seconds(
+    forwards: list[Callable[[dict[str, torch.Tensor]], Any]], loader: DataLoader, device: torch.device, precision: str
+) -> float:
+    """Mean seconds of running each of ``forwards`` on every batch: inference mode and the trainer's autocast, as its
+    loops run them, and no hooks."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
 
     def run() -> None:
-        with torch.inference_mode(), autocast:  # as the test loop runs the curves
+        with torch.inference_mode(), autocast:
             for batch in loader:
-                module.objective({k: v.to(device) for k, v in batch.items()})
+                inputs = {k: v.to(device) for k, v in batch.items()}
+                for forward in forwards:
+                    forward(inputs)
 
     return _mean_seconds(run, device)
+
+
+def _forward_seconds(module: InterpolationModule, loader: DataLoader, precision: str) -> float:
+    """One plain forward pass of the objective over the evaluation data: the floor of one curve point."""
+    return _plain_forwards_seconds([module.objective], loader, module.device, precision)
 
 
 def _pair_forwards_seconds(
     module: InterpolationModule, loader: DataLoader, encoder_only: bool, precision: str
 ) -> float:
-    """Plain forwards of models A and B over the statistics batches (inference mode, no hooks): the floor of the
-    statistics pass, which adds the feature products to them. ``encoder_only``: the base models, as the pass runs
-    them (the heads make no features); otherwise the models' own forward, heads included."""
-    device = module.device
+    """Plain forwards of models A and B over the statistics batches: the floor of the statistics pass, which adds
+    the feature products to them. ``encoder_only``: the base models, as the pass runs them (the heads make no
+    features); otherwise the models' own forward, heads included."""
     models = [m.base_model if encoder_only else m for m in (module.model_a, module.model_b)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision.startswith("bf16"))
-
-    def run() -> None:
-        with torch.inference_mode(), autocast:  # as the statistics pass runs under the trainer's precision
-            for batch in loader:
-                inputs = {k: v.to(device) for k, v in batch.items()}
-                for model in models:
-                    model(**inputs)
-
-    return _mean_seconds(run, device)
+    forwards = [lambda inputs, model=model: model(**inputs) for model in models]
+    return _plain_forwards_seconds(forwards, loader, module.device, precision)
 
 
 def _statistics_bytes(module: InterpolationModule, methods: list[str]) -> int:

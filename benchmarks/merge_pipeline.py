@@ -14,9 +14,9 @@ by the parent process, so building them is not in the measured process's memory.
 Usage::
 
     python benchmarks/merge_pipeline.py                         # tiny, mini, small on this machine's device
-    python benchmarks/merge_pipeline.py --model-a runs/study/quickstart/pretrain/seed0/hf \
-        --model-b runs/study/quickstart/pretrain/seed1/hf --block-size 32 --batch-size 128 --eval-tokens 32768 \
-        --methods vanilla ff+attn+res ff+attn[linear]+res weight_matching learned   # the quickstart pair
+    python benchmarks/merge_pipeline.py --model-a runs/study/quickstart/pretrain/seed0/hf \\
+        --model-b runs/study/quickstart/pretrain/seed1/hf --block-size 32 --batch-size 128 --eval-tokens 32768 \\
+        --methods vanilla ff+attn+res 'ff+attn[linear]+res' weight_matching learned   # the quickstart pair
     python benchmarks/merge_pipeline.py --presets base --vocab 30522 --feature-tokens 1048576 --eval-tokens 1048576 \\
         --precision bf16-mixed --batch-size 256 --statistics-batch-size 64   # the GPU target (BERT-base, 1 M + 1 M)
 """

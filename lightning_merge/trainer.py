@@ -136,8 +136,8 @@ class MergeTrainer(pl.Trainer):
             statistics_max_blocks: at most this many blocks of it (evenly spread; None: all).
             statistics_dtype: ``float32`` (default) or ``float64``: the dtype each block's feature products are
                 formed in (from features shifted by the block's mean); the sums are float64 either way. float32 is
-                1.2-1.8x faster on CPU (on GPUs by far) and gave the same permutations as float64 on the
-                quickstart pair (benchmarks/statistics_precision.py measures it); float64 for exact sums.
+                1.2-1.8x faster on CPU (on GPUs by far) and gave the same permutations as float64 on the three
+                quickstart pairs (benchmarks/statistics_precision.py measures it); float64 for exact sums.
             statistics_data: a separate datamodule for the statistics (e.g. a BookCorpus sample, as in the
                 paper); default: ``datamodule``.
             statistics_batch_size: sequences per batch of the statistics pass (default: the datamodule's). The

@@ -55,3 +55,58 @@ def cpu_trainer_kwargs(tmp_path) -> dict:
         enable_model_summary=False,
         default_root_dir=str(tmp_path),
     )
+
+
+# One tiny config per family (hidden 16, 2 layers, 4 heads of 4, FF 24): every family-parametrised test builds from it.
+TINY_SIZES = dict(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=24)
+TINY_FF = 24
+
+
+def tiny_config(family: str = "bert", **overrides):
+    """An HF config of ``family`` (a name in `lightning_merge.merge.families.FAMILIES`) at the tiny test size."""
+    from transformers import AutoConfig
+
+    from lightning_merge.merge.families import get_family
+
+    record = get_family(family)
+    kwargs = {**TINY_SIZES, record.ff_size[0]: TINY_FF, "num_labels": 3, "pad_token_id": 0, "bos_token_id": 2,
+              "eos_token_id": 2}
+    if record.model_type.startswith("roberta"):
+        kwargs["pad_token_id"] = 1  # RoBERTa's positions start after padding_idx, as in its released models
+    return AutoConfig.for_model(record.model_type, **{**kwargs, **overrides})
+
+
+def tiny_model(family: str = "bert", task: str = "masked_lm", **overrides):
+    """A randomly initialised tiny model of ``family`` for ``task`` (``base`` for the bare encoder/decoder)."""
+    import transformers
+
+    from lightning_merge.merge.families import get_family
+
+    class_name = get_family(family).classes[task]
+    return getattr(transformers, class_name)(tiny_config(family, **overrides))
+
+
+def family_tasks() -> list[tuple[str, str]]:
+    """(family, task) for every task class of every family."""
+    from lightning_merge.merge.families import FAMILIES
+
+    return [(name, task) for name, family in FAMILIES.items() for task in family.classes]
+
+
+def tiny_batch(family: str = "bert", seed: int = 3) -> dict[str, torch.Tensor]:
+    """Three sequences of 12 tokens, two of them padded (right), with token types where the family takes them."""
+    from lightning_merge.merge.families import get_family
+
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(2, TINY_SIZES["vocab_size"], (3, 12), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 7:] = 0
+    attention_mask[2, 4:] = 0
+    pad = tiny_config(family).pad_token_id
+    input_ids = input_ids.masked_fill(attention_mask == 0, pad)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask)
+    if get_family(family).token_types:
+        token_type_ids = torch.zeros_like(input_ids)
+        token_type_ids[:, 6:] = 1
+        batch["token_type_ids"] = token_type_ids
+    return batch

@@ -9,7 +9,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
 
 from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
-from lightning_merge.merge.spec import ARCHITECTURES, Axis, bert_spec, spec_for_model, spec_for_pair
+from lightning_merge.merge.spec import ARCHITECTURES, Axis, spec_for_model, spec_for_pair, spec_from_config
 
 CLASSES = (BertModel, BertForMaskedLM, BertForSequenceClassification)
 
@@ -97,27 +97,27 @@ def test_inverse_map_is_derived_from_axes():
 def test_bert_model_without_pooler():
     spec = spec_for_model(BertModel(tiny_config(), add_pooling_layer=False))
     assert not any(name.startswith("pooler") for name in spec.axes)
-    assert dict(spec.fields)["pooler"] is False
+    assert dict(spec.fields)["heads"] == ()
 
 
 def test_spec_from_class_name_equals_spec_from_model():
     config = tiny_config()
-    assert bert_spec(config, "BertForMaskedLM").axes == spec_for_model(BertForMaskedLM(config)).axes
+    assert spec_from_config(config, "BertForMaskedLM").axes == spec_for_model(BertForMaskedLM(config)).axes
 
 
 def test_unsupported_class_names_supported_ones():
     with pytest.raises(UnsupportedModel, match="BertForPreTraining.*supported: BertModel, BertForMaskedLM"):
         spec_for_model(BertForPreTraining(tiny_config()))
     with pytest.raises(UnsupportedModel, match="supported"):
-        bert_spec(tiny_config(), torch.nn.Linear)
+        spec_from_config(tiny_config(), torch.nn.Linear)
 
 
 def test_unsupported_config():
     with pytest.raises(UnsupportedModel, match="position_embedding_type"):
-        bert_spec(tiny_config(position_embedding_type="relative_key"), "BertModel")
+        spec_from_config(tiny_config(position_embedding_type="relative_key"), "BertModel")
     roberta_like = dataclasses.make_dataclass("Cfg", [("model_type", str)])("roberta")
     with pytest.raises(UnsupportedModel, match="model_type 'roberta'"):
-        bert_spec(roberta_like, "BertModel")
+        spec_from_config(roberta_like, "BertModel")
 
 
 def test_pair_mismatch_names_first_differing_field():
@@ -146,8 +146,8 @@ def test_state_dict_checks():
 
 
 def test_family_tables_are_data():
-    assert {arch.family for arch in ARCHITECTURES.values()} == {"bert"}
-    assert ARCHITECTURES["BertForMaskedLM"].prefix == "bert."
+    assert ARCHITECTURES["BertForMaskedLM"].prefix("BertForMaskedLM") == "bert."
+    assert ARCHITECTURES["BertModel"].prefix("BertModel") == ""
 
 
 def test_merge_package_does_not_import_lightning():

@@ -9,7 +9,7 @@ from transformers import BertConfig
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError
 from lightning_merge.merge import stats as stats_module
-from lightning_merge.merge.spec import bert_spec
+from lightning_merge.merge.spec import spec_from_config
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics, correlation_from_moments
 
 
@@ -151,7 +151,7 @@ def tiny_spec(layers: int = 2):
         intermediate_size=12,
         max_position_embeddings=8,
     )
-    return bert_spec(config, "BertModel")
+    return spec_from_config(config, "BertModel")
 
 
 def features_for(spec, n: int, seed: int) -> dict:

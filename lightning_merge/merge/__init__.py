@@ -17,7 +17,7 @@ from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_gr
 from lightning_merge.merge.method import FitInputs, MergeMethod
 from lightning_merge.merge.methods import METHODS, fit_methods, get_method
 from lightning_merge.merge.permute import invert_permutation, random_permutations
-from lightning_merge.merge.spec import Axis, PermutationSpec, bert_spec, spec_for_model, spec_for_pair
+from lightning_merge.merge.spec import Axis, PermutationSpec, spec_for_model, spec_for_pair, spec_from_config
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "Permutation",
     "PermutationSpec",
     "apply_alignments",
-    "bert_spec",
     "collect_statistics",
     "fit_methods",
     "get_method",
@@ -49,4 +48,5 @@ __all__ = [
     "save_alignments",
     "spec_for_model",
     "spec_for_pair",
+    "spec_from_config",
 ]

@@ -187,14 +187,15 @@ def apply_alignments(
         A new dict; untouched entries are the input tensors themselves, tied aliases share their source's tensor.
     """
     check_alignments(spec, alignments)
-    return transform_state_dict(state_dict, spec, alignments)
+    return spec.join(transform_state_dict(spec.split(state_dict), spec, alignments))
 
 
 def transform_state_dict(
     state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec, alignments: Mapping[str, Alignment],
     skip: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """`apply_alignments` without the checks, optionally leaving group ``skip``'s axes alone (differentiable)."""
+    """`apply_alignments` without the checks, on a state dict whose fused weights are already split
+    (`PermutationSpec.split`), optionally leaving group ``skip``'s axes alone (differentiable)."""
     out: dict[str, torch.Tensor] = {}
     for name, tensor in state_dict.items():
         if name in spec.ties and spec.ties[name] in state_dict:

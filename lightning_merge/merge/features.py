@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from lightning_merge.errors import ArchitectureMismatch, DataError
+from lightning_merge.merge.families import model_inputs
 from lightning_merge.merge.spec import FeaturePoint, PermutationSpec
 from lightning_merge.merge.stats import STATISTICS_DTYPE, MergeStatistics
 
@@ -89,7 +90,7 @@ class FeatureRecorder:
 
     def _hook(self, point: FeaturePoint):
         def hook(module: torch.nn.Module, inputs: tuple, output: Any) -> None:
-            value = (inputs[0] if point.source == "input" else output).detach()
+            value = point.select(inputs[0] if point.source == "input" else output).detach()
             if self.on_capture is not None:
                 self.on_capture(point.key, value)
             else:
@@ -234,7 +235,8 @@ def collect_statistics(
         model_a: model A (eval mode is the caller's choice; dropout would add noise to the features).
         model_b: model B, same spec.
         batches: dicts of model inputs with an ``attention_mask`` (``special_tokens_mask`` and ``labels`` are not
-            passed on). Only the base model runs when every feature point lies in it (the heads make no features).
+            passed on, nor token types to a family without them). Only the base model runs when every feature
+            point lies in it (the heads make no features).
         spec: the models' spec.
         groups: groups to collect (default all).
         device: where the float64 sums live (default: model A's device).
@@ -253,7 +255,8 @@ def collect_statistics(
     with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
         for batch in batches:
             recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
-            inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+            inputs = model_inputs(batch, spec.family) if spec.family else {
+                k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
             run_a(**_to(inputs, model_a))
             if model_b is not model_a:  # one model as both: its A and B hooks both fire in one forward
                 run_b(**_to(inputs, model_b))

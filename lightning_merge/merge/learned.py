@@ -72,6 +72,7 @@ class LearnedAlignment(nn.Module):
         self.passes = passes
         self.spec = spec
         self._loss = loss  # a plain callable: the model behind it is not part of this module's parameters
+        weights_a, weights_b = spec.split(weights_a), spec.split(weights_b)  # fused projections in parts
         self.names = [name for name in weights_a if torch.is_floating_point(weights_a[name])]
         self.lambdas = lambdas
         self.generator = torch.Generator().manual_seed(seed)
@@ -137,7 +138,7 @@ class LearnedAlignment(nn.Module):
         lam = low + (high - low) * torch.rand((), generator=self.generator).item()
         weights_a = self._weights("a")
         params = {name: torch.lerp(weights_a[name], aligned_b[name], lam) for name in self.names}
-        return self._loss(params, batch)
+        return self._loss(self.spec.join(params), batch)
 
     def alignments(self) -> dict[str, Alignment]:
         """The learned alignment: permutations of the permuted groups, `HeadLinear` of the linear ones."""

@@ -1,9 +1,9 @@
 """The permutation spec: which permutation group acts on which axis of which weight, as data.
 
-A spec is built once per model from its HF config (`bert_spec`) or from the model itself (`spec_for_model`). Weight
-and module names are relative to the model passed in, so the ``bert.`` prefix of ``BertForMaskedLM`` and
-``BertForSequenceClassification`` is part of the names. Everything that is model-family specific lives in two tables:
-`FAMILIES` (module-name templates of a family) and `ARCHITECTURES` (HF class name -> family, prefix, heads).
+A spec is built once per model from its HF config (`spec_from_config`) or from the model itself (`spec_for_model`).
+Weight and module names are relative to the model passed in, so the ``bert.`` prefix of ``BertForMaskedLM`` is part
+of the names. Everything family specific — module names, heads, LayerNorm placement, weight layout, fused projections,
+ties — comes from the family's record in `lightning_merge.merge.families`; this module only reads it.
 
 Groups (each indexes the feature axis it acts on; `lightning_merge.merge.alignment` says how alignments act):
 
@@ -11,6 +11,8 @@ Groups (each indexes the feature axis it acts on; `lightning_merge.merge.alignme
   ``output.dense``).
 - ``attn.{i}``: the d concatenated per-head context features of layer i, head-aware (``num_heads`` blocks of
   ``head_dim``): rows + bias of query, key and value share it (so QKᵀ is unchanged), columns of the attention output.
+  A fused projection (GPT-2's ``c_attn``) is declared as a `Split` into equal parts (``c_attn.weight#query`` ...),
+  each with its own axes: `PermutationSpec.split` and `PermutationSpec.join` convert a state dict between the two.
   Two subspaces: ``qk`` (query and key rows) and ``vo`` (value rows, output columns); a permutation moves both the
   same way, a per-head linear alignment may map them differently.
 - ``res``: one permutation of the whole residual stream.
@@ -20,6 +22,9 @@ group's features acts on it: ``out`` axes carry the features (rows and biases of
 embedding columns: transformed by M), ``in`` axes read them (input columns, and the key rows that meet the queries
 in QKᵀ: transformed by M⁻ᵀ), ``norm`` axes scale them elementwise (LayerNorm gains and biases: only a permutation
 commutes with them). For a permutation M⁻ᵀ = M, so every role is the same gather.
+
+The residual stream's feature points are where the stream itself is visible: each LayerNorm's output in a post-LN
+family, each LayerNorm's input (and the final one's) in a pre-LN family.
 
 The MLM decoder is tied to the word embeddings (unless the config unties them): the spec declares the tie (``ties``)
 and gives the decoder weight the same axes (``(None, res)``); the decoder reads the transform's output in the
@@ -37,9 +42,20 @@ from typing import Any, Literal
 import torch
 
 from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
+from lightning_merge.merge.families import (
+    ARCHITECTURES,
+    RESIDUAL,
+    SEQUENCE_CLASSIFICATION,
+    Decoder,
+    Dense,
+    Family,
+    Norm,
+    Vector,
+    family_of_class,
+)
 
 GROUP_KINDS = ("ff", "attn", "res")
-RESIDUAL = "res"
+PART = "#"  # fused weight name + PART + part name: ``h.0.attn.c_attn.weight#query``
 AXIS_ROLES = ("out", "in", "norm")
 ATTENTION_SUBSPACES = ("qk", "vo")
 # Extra feature sets of an attention group, recorded only for methods that ask: ``attn.{i}/query`` etc.
@@ -80,95 +96,36 @@ class Axis:
 
 @dataclass(frozen=True)
 class FeaturePoint:
-    """Where a group's features are read: the ``input`` (first positional arg) or ``output`` of ``module``."""
+    """Where a group's features are read: the ``input`` (first positional arg) or ``output`` of ``module``.
+
+    ``part`` (index, count) reads only that equal part of the last dimension (a fused projection's query, key or
+    value).
+    """
 
     module: str
     source: Literal["input", "output"]
+    part: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.module}:{self.source}"
+        suffix = f"[{self.part[0]}/{self.part[1]}]" if self.part else ""
+        return f"{self.module}:{self.source}{suffix}"
+
+    def select(self, value: torch.Tensor) -> torch.Tensor:
+        """The point's features out of the module's (..., width) input or output."""
+        return value if self.part is None else value.chunk(self.part[1], dim=-1)[self.part[0]]
 
 
 @dataclass(frozen=True)
-class FamilyNames:
-    """Module-name templates of one model family, relative to the base model (``{i}`` = layer index).
+class Split:
+    """A fused weight stored as equal ``parts`` (spec weight names) along dimension ``dim``."""
 
-    Head names (``pooler`` ... ``mlm_bias``) are relative to the full model; ``pooler`` is under the base prefix.
-    """
+    dim: int
+    parts: tuple[str, ...]
 
-    word_embeddings: str
-    position_embeddings: str
-    token_type_embeddings: str
-    embeddings_norm: str
-    layer: str
-    query: str
-    key: str
-    value: str
-    attention_out: str
-    attention_norm: str
-    ff_in: str
-    ff_out: str
-    ff_norm: str
-    pooler: str
-    classifier: str
-    mlm_transform: str
-    mlm_norm: str
-    mlm_decoder: str
-    mlm_bias: str
-
-
-BERT_NAMES = FamilyNames(
-    word_embeddings="embeddings.word_embeddings",
-    position_embeddings="embeddings.position_embeddings",
-    token_type_embeddings="embeddings.token_type_embeddings",
-    embeddings_norm="embeddings.LayerNorm",
-    layer="encoder.layer.{i}",
-    query="attention.self.query",
-    key="attention.self.key",
-    value="attention.self.value",
-    attention_out="attention.output.dense",
-    attention_norm="attention.output.LayerNorm",
-    ff_in="intermediate.dense",
-    ff_out="output.dense",
-    ff_norm="output.LayerNorm",
-    pooler="pooler.dense",
-    classifier="classifier",
-    mlm_transform="cls.predictions.transform.dense",
-    mlm_norm="cls.predictions.transform.LayerNorm",
-    mlm_decoder="cls.predictions.decoder",
-    mlm_bias="cls.predictions.bias",
-)
-
-FAMILIES: dict[str, FamilyNames] = {"bert": BERT_NAMES}
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """An HF model class: its family, where the base model sits (``prefix``) and which heads it carries."""
-
-    family: str
-    prefix: str
-    heads: tuple[str, ...]
-
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "BertModel": Architecture("bert", "", ("pooler",)),
-    "BertForMaskedLM": Architecture("bert", "bert.", ("mlm",)),
-    "BertForSequenceClassification": Architecture("bert", "bert.", ("pooler", "classifier")),
-}
 
 # Config fields that fix every shape the spec touches, in the order a mismatch is reported.
-_SHAPE_FIELDS = (
-    "model_type",
-    "num_hidden_layers",
-    "hidden_size",
-    "num_attention_heads",
-    "intermediate_size",
-    "vocab_size",
-    "max_position_embeddings",
-    "type_vocab_size",
-)
+_SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,7 +140,9 @@ class PermutationSpec:
             attention group's projections are under ``attn.{i}/query``, ``/key`` and ``/value``.
         ties: alias weight name -> source weight name (the alias shares the source's storage).
         fields: (name, value) pairs identifying the architecture; two specs are compatible when these are equal.
-        base_prefix: where the base model sits in the full model (``"bert."``; ``""`` for a bare ``BertModel``).
+        base_prefix: where the base model sits in the full model (``"bert."``).
+        splits: fused model weight -> its `Split` into the parts ``axes`` describes.
+        family: the `Family` record the spec was built from.
     """
 
     architecture: str
@@ -193,6 +152,32 @@ class PermutationSpec:
     ties: Mapping[str, str] = field(default_factory=dict)
     fields: tuple[tuple[str, Any], ...] = ()
     base_prefix: str = ""
+    splits: Mapping[str, Split] = field(default_factory=dict)
+    family: Family | None = None
+
+    def split(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``state_dict`` with every fused weight replaced by its parts (views), in place of the fused entry."""
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in state_dict.items():
+            if name in self.splits:
+                split = self.splits[name]
+                out.update(zip(split.parts, tensor.chunk(len(split.parts), dim=split.dim)))
+            else:
+                out[name] = tensor
+        return out
+
+    def join(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of `split`: parts concatenated back into their fused weight, at the first part's place."""
+        part_of = {part: fused for fused, split in self.splits.items() for part in split.parts}
+        out: dict[str, torch.Tensor] = {}
+        for name, tensor in state_dict.items():
+            fused = part_of.get(name)
+            if fused is None:
+                out[name] = tensor
+            elif fused not in out:
+                split = self.splits[fused]
+                out[fused] = torch.cat([state_dict[part] for part in split.parts], dim=split.dim)
+        return out
 
     @cached_property
     def group_axes(self) -> dict[str, list[tuple[str, int]]]:
@@ -224,6 +209,7 @@ class PermutationSpec:
             ArchitectureMismatch: a weight is missing or a permuted axis has the wrong size.
             UnsupportedModel: the state dict has floating weights the spec does not describe.
         """
+        state_dict = self.split(state_dict)
         missing = [name for name in self.axes if name not in state_dict and name not in self.ties]
         if missing:
             raise ArchitectureMismatch(f"state dict lacks {missing[0]} (expected by the {self.architecture} spec)")
@@ -263,18 +249,34 @@ def _axis(ref: GroupRef, role: str) -> Axis | None:
     return Axis(ref, role) if isinstance(ref, str) else ref
 
 
-class _SpecBuilder:
-    """Small helpers that declare weights: ``dense``, ``norm``, ``embed``, ``tie`` (git-re-basin style)."""
 
-    def __init__(self) -> None:
+
+class _SpecBuilder:
+    """Small helpers that declare weights: ``dense``, ``fused_dense``, ``norm``, ``embed``, ``tie`` (git-re-basin
+    style); ``layout`` says how the family's layer weights are stored (``linear``: (out, in); ``conv1d``: (in, out))."""
+
+    def __init__(self, layout: str = "linear") -> None:
+        self.layout = layout
         self.axes: dict[str, tuple[Axis | None, ...]] = {}
         self.ties: dict[str, str] = {}
+        self.splits: dict[str, Split] = {}
 
-    def dense(self, name: str, p_out: GroupRef, p_in: GroupRef, bias: bool = True) -> None:
-        rows = _axis(p_out, "out")
-        self.axes[f"{name}.weight"] = (rows, _axis(p_in, "in"))  # torch Linear weight is (out, in)
+    def dense(self, name: str, p_out: GroupRef, p_in: GroupRef, bias: bool = True, layout: str | None = None) -> None:
+        rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
+        transposed = (layout or self.layout) == "conv1d"
+        self.axes[f"{name}.weight"] = (columns, rows) if transposed else (rows, columns)
         if bias:
             self.axes[f"{name}.bias"] = (rows,)
+
+    def fused_dense(self, name: str, parts: Mapping[str, GroupRef], p_in: GroupRef) -> None:
+        """One layer whose outputs are equal parts (GPT-2's ``c_attn``: query, key, value), each its own weight."""
+        weight_dim = 1 if self.layout == "conv1d" else 0
+        for suffix, dim in ((".weight", weight_dim), (".bias", 0)):
+            self.splits[name + suffix] = Split(dim, tuple(f"{name}{suffix}{PART}{part}" for part in parts))
+        for part, p_out in parts.items():
+            rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
+            self.axes[f"{name}.weight{PART}{part}"] = (columns, rows) if self.layout == "conv1d" else (rows, columns)
+            self.axes[f"{name}.bias{PART}{part}"] = (rows,)
 
     def norm(self, name: str, p: str | None) -> None:
         self.axes[f"{name}.weight"] = (_axis(p, "norm"),)
@@ -291,84 +293,89 @@ class _SpecBuilder:
         self.axes[alias] = self.axes[source]
 
 
-def _layer_weights(build: _SpecBuilder, names: FamilyNames, layer: str, i: int) -> None:
+def _layer_weights(build: _SpecBuilder, family: Family, layer: str, i: int) -> None:
     attn, ff = f"attn.{i}", f"ff.{i}"
     # keys meet queries in QKᵀ, so they read the qk subspace (M⁻ᵀ) while queries carry it (M)
-    build.dense(f"{layer}.{names.query}", Axis(attn, "out", "qk"), RESIDUAL)
-    build.dense(f"{layer}.{names.key}", Axis(attn, "in", "qk"), RESIDUAL)
-    build.dense(f"{layer}.{names.value}", Axis(attn, "out", "vo"), RESIDUAL)
-    build.dense(f"{layer}.{names.attention_out}", RESIDUAL, Axis(attn, "in", "vo"))
-    build.norm(f"{layer}.{names.attention_norm}", RESIDUAL)
-    build.dense(f"{layer}.{names.ff_in}", ff, RESIDUAL)
-    build.dense(f"{layer}.{names.ff_out}", RESIDUAL, ff)
-    build.norm(f"{layer}.{names.ff_norm}", RESIDUAL)
+    projections = {"query": Axis(attn, "out", "qk"), "key": Axis(attn, "in", "qk"), "value": Axis(attn, "out", "vo")}
+    if family.fused_attention:
+        build.fused_dense(f"{layer}.{family.attention}", projections, RESIDUAL)
+    else:
+        for module, axis in zip(family.attention, projections.values()):
+            build.dense(f"{layer}.{module}", axis, RESIDUAL)
+    build.dense(f"{layer}.{family.attention_out}", RESIDUAL, Axis(attn, "in", "vo"))
+    build.dense(f"{layer}.{family.ff_in}", ff, RESIDUAL)
+    build.dense(f"{layer}.{family.ff_out}", RESIDUAL, ff)
+    for norm in family.norms:
+        build.norm(f"{layer}.{norm}", RESIDUAL)
 
 
-def _pooler_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
-    # The pooler reads the residual stream; its tanh output feeds the classifier in its own (unpermuted) basis.
-    build.dense(prefix + names.pooler, None, RESIDUAL)
+def _head_weights(build: _SpecBuilder, family: Family, prefix: str, head: str, config: Any) -> None:
+    word_embeddings = f"{prefix}{family.embeddings[0]}.weight"
+    tied = bool(getattr(config, "tie_word_embeddings", True))
+    for weight in family.heads[head]:
+        name = weight.name.format(base=prefix)
+        if isinstance(weight, Dense):
+            build.dense(name, weight.out, weight.reads, weight.bias, layout="linear")
+        elif isinstance(weight, Norm):
+            build.norm(name, RESIDUAL)
+        elif isinstance(weight, Vector):
+            build.vector(name, None)
+        elif tied:
+            # the tie gives the decoder the embeddings' ``out`` role, although it reads the stream (``in``): one
+            # tensor takes one transform, so only alignments with M⁻ᵀ = M (permutations, orthogonal maps) keep it
+            build.tie(f"{name}.weight", word_embeddings)
+            if weight.shared_bias:
+                build.tie(f"{name}.bias", weight.shared_bias)
+            elif weight.bias:
+                build.vector(f"{name}.bias", None)
+        else:  # untied (transformers unties a shared decoder bias then too): own weights, vocab rows unaligned
+            build.dense(name, None, RESIDUAL, weight.bias, layout="linear")
 
 
-def _classifier_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
-    build.dense(names.classifier, None, None)
-
-
-def _mlm_head(build: _SpecBuilder, names: FamilyNames, prefix: str, config: Any) -> None:
-    # The decoder reads the transform's output against vocab rows in the residual basis (tied or not), so the
-    # transform's output must move with the residual permutation too.
-    build.dense(names.mlm_transform, RESIDUAL, RESIDUAL)
-    build.norm(names.mlm_norm, RESIDUAL)
-    build.vector(names.mlm_bias, None)
-    if getattr(config, "tie_word_embeddings", True):
-        # the tie gives the decoder the embeddings' ``out`` role, although it reads the stream (``in``): one tensor
-        # can take only one transform, so only alignments with M⁻ᵀ = M (permutations, orthogonal maps) keep the tie
-        build.tie(f"{names.mlm_decoder}.weight", f"{prefix}{names.word_embeddings}.weight")
-        build.tie(f"{names.mlm_decoder}.bias", names.mlm_bias)
-    else:  # untied (transformers also unties the decoder bias then): its own weights, vocab rows unpermuted
-        build.dense(names.mlm_decoder, None, RESIDUAL)
-
-
-HEAD_BUILDERS = {"pooler": _pooler_head, "classifier": _classifier_head, "mlm": _mlm_head}
-
-
-def _groups(config: Any) -> dict[str, PermGroup]:
-    heads = config.num_attention_heads
+def _groups(config: Any, family: Family) -> dict[str, PermGroup]:
+    heads, d_ff = config.num_attention_heads, family.intermediate_size(config)
     groups: dict[str, PermGroup] = {}
     for i in range(config.num_hidden_layers):
-        groups[f"ff.{i}"] = PermGroup(f"ff.{i}", "ff", config.intermediate_size)
+        groups[f"ff.{i}"] = PermGroup(f"ff.{i}", "ff", d_ff)
         groups[f"attn.{i}"] = PermGroup(f"attn.{i}", "attn", config.hidden_size, heads, ATTENTION_SUBSPACES)
     groups[RESIDUAL] = PermGroup(RESIDUAL, "res", config.hidden_size)
     return groups
 
 
-def _points(config: Any, names: FamilyNames, prefix: str) -> dict[str, tuple[FeaturePoint, ...]]:
+def _projection_points(family: Family, layer: str) -> dict[str, FeaturePoint]:
+    if family.fused_attention:
+        module = f"{layer}.{family.attention}"
+        count = len(ATTENTION_PROJECTIONS)
+        return {p: FeaturePoint(module, "output", (index, count)) for index, p in enumerate(ATTENTION_PROJECTIONS)}
+    return {p: FeaturePoint(f"{layer}.{m}", "output") for p, m in zip(ATTENTION_PROJECTIONS, family.attention)}
+
+
+def _residual_points(config: Any, family: Family, prefix: str) -> tuple[FeaturePoint, ...]:
+    """Post-LN: the stream is each LayerNorm's output. Pre-LN: the stream is what each LayerNorm reads."""
+    layers = [prefix + family.layer.format(i=i) for i in range(config.num_hidden_layers)]
+    if family.norm_placement == "post":
+        first = [FeaturePoint(prefix + family.embeddings_norm, "output")] if family.embeddings_norm else []
+        return tuple(first + [FeaturePoint(f"{layer}.{norm}", "output") for layer in layers for norm in family.norms])
+    readers = [FeaturePoint(f"{layer}.{norm}", "input") for layer in layers for norm in family.norms]
+    return tuple(readers + [FeaturePoint(prefix + family.final_norm, "input")])
+
+
+def _points(config: Any, family: Family, prefix: str) -> dict[str, tuple[FeaturePoint, ...]]:
     points: dict[str, tuple[FeaturePoint, ...]] = {}
-    residual = [FeaturePoint(prefix + names.embeddings_norm, "output")]
     for i in range(config.num_hidden_layers):
-        layer = prefix + names.layer.format(i=i)
-        points[f"ff.{i}"] = (FeaturePoint(f"{layer}.{names.ff_out}", "input"),)
-        points[f"attn.{i}"] = (FeaturePoint(f"{layer}.{names.attention_out}", "input"),)
-        for projection, module in zip(ATTENTION_PROJECTIONS, (names.query, names.key, names.value)):
-            points[f"attn.{i}/{projection}"] = (FeaturePoint(f"{layer}.{module}", "output"),)
-        residual += [
-            FeaturePoint(f"{layer}.{names.attention_norm}", "output"),
-            FeaturePoint(f"{layer}.{names.ff_norm}", "output"),
-        ]
-    points[RESIDUAL] = tuple(residual)
+        layer = prefix + family.layer.format(i=i)
+        points[f"ff.{i}"] = (FeaturePoint(f"{layer}.{family.ff_out}", "input"),)
+        points[f"attn.{i}"] = (FeaturePoint(f"{layer}.{family.attention_out}", "input"),)
+        for projection, point in _projection_points(family, layer).items():
+            points[f"attn.{i}/{projection}"] = (point,)
+    points[RESIDUAL] = _residual_points(config, family, prefix)
     return points
 
 
-def _architecture(model_class_or_arch: str | type) -> tuple[str, Architecture]:
-    name = model_class_or_arch if isinstance(model_class_or_arch, str) else model_class_or_arch.__name__
-    if name not in ARCHITECTURES:
-        raise UnsupportedModel(f"no permutation spec for {name}; supported: {', '.join(ARCHITECTURES)}")
-    return name, ARCHITECTURES[name]
-
-
-def _check_config(config: Any, name: str, arch: Architecture) -> None:
+def _check_config(config: Any, name: str, family: Family) -> None:
     model_type = getattr(config, "model_type", None)
-    if model_type != arch.family:
-        raise UnsupportedModel(f"{name} expects a {arch.family!r} config, got model_type {model_type!r}")
+    if model_type != family.model_type:
+        raise UnsupportedModel(f"{name} expects a {family.model_type!r} config, got model_type {model_type!r}")
     if config.hidden_size % config.num_attention_heads:
         raise ArchitectureMismatch(
             f"hidden_size {config.hidden_size} is not divisible by num_attention_heads {config.num_attention_heads}"
@@ -378,14 +385,27 @@ def _check_config(config: Any, name: str, arch: Architecture) -> None:
         raise UnsupportedModel(f"position_embedding_type {position!r} is not supported; only 'absolute' is")
 
 
-def bert_spec(
-    config: Any, model_class_or_arch: str | type = "BertModel", pooler: bool | None = None
+def _fields(config: Any, name: str, family: Family, heads: list[str]) -> tuple[tuple[str, Any], ...]:
+    fields: list[tuple[str, Any]] = [("family", family.name), ("architecture", name)]
+    fields += [(f, getattr(config, f, None)) for f in _SHAPE_FIELDS if f != "intermediate_size"]
+    fields += [("intermediate_size", family.intermediate_size(config))]
+    fields += [(f, getattr(config, f, None)) for f in family.shape_fields]
+    fields += [("heads", tuple(heads))]
+    if any(isinstance(w, Decoder) for head in heads for w in family.heads[head]):
+        fields.append(("tie_word_embeddings", bool(getattr(config, "tie_word_embeddings", True))))
+    if getattr(config, "num_labels", None) is not None and name == family.classes.get(SEQUENCE_CLASSIFICATION):
+        fields.append(("num_labels", config.num_labels))
+    return tuple(fields)
+
+
+def spec_from_config(
+    config: Any, model_class_or_arch: str | type, pooler: bool | None = None
 ) -> PermutationSpec:
-    """Build the permutation spec of a BERT-family model from its HF config.
+    """Build the permutation spec of a model of any registered family from its HF config.
 
     Args:
-        config: an HF config (``BertConfig``) — layer count, sizes and heads are read from it.
-        model_class_or_arch: the HF class (or its name), e.g. ``BertForMaskedLM``; fixes prefix and heads.
+        config: an HF config of the class's family — layer count, sizes and heads are read from it.
+        model_class_or_arch: the HF class (or its name), e.g. ``BertForMaskedLM``; fixes family, prefix and heads.
         pooler: whether the model has a pooler (``BertModel(add_pooling_layer=False)`` has none); ``None`` takes
             the class's default.
 
@@ -393,43 +413,43 @@ def bert_spec(
         The `PermutationSpec` with names relative to a model of that class.
 
     Raises:
-        UnsupportedModel: the class or config is not one the spec tables know.
+        UnsupportedModel: the class or config is not one the family records know.
     """
-    name, arch = _architecture(model_class_or_arch)
-    _check_config(config, name, arch)
-    names, prefix = FAMILIES[arch.family], arch.prefix
-    heads = [h for h in arch.heads if h != "pooler" or pooler is not False]
-    if pooler and "pooler" not in heads:
+    name = model_class_or_arch if isinstance(model_class_or_arch, str) else model_class_or_arch.__name__
+    family = family_of_class(name)
+    _check_config(config, name, family)
+    heads = [h for h in family.class_heads[name] if h != "pooler" or pooler is not False]
+    if pooler and "pooler" not in heads and "pooler" in family.heads:
         heads.insert(0, "pooler")
-    build = _SpecBuilder()
-    for embedding in (names.word_embeddings, names.position_embeddings, names.token_type_embeddings):
+    prefix = family.prefix(name)
+    build = _SpecBuilder(family.layout)
+    for embedding in family.embeddings:
         build.embed(prefix + embedding, RESIDUAL)
-    build.norm(prefix + names.embeddings_norm, RESIDUAL)
+    if family.embeddings_norm:
+        build.norm(prefix + family.embeddings_norm, RESIDUAL)
     for i in range(config.num_hidden_layers):
-        _layer_weights(build, names, prefix + names.layer.format(i=i), i)
+        _layer_weights(build, family, prefix + family.layer.format(i=i), i)
+    if family.final_norm:
+        build.norm(prefix + family.final_norm, RESIDUAL)
     for head in heads:
-        HEAD_BUILDERS[head](build, names, prefix, config)
-    fields = [("architecture", name)] + [(f, getattr(config, f, None)) for f in _SHAPE_FIELDS]
-    fields += [("pooler", "pooler" in heads)]
-    if "mlm" in heads:
-        fields.append(("tie_word_embeddings", bool(getattr(config, "tie_word_embeddings", True))))
-    if "classifier" in heads:
-        fields.append(("num_labels", config.num_labels))
-    points = _points(config, names, prefix)
-    return PermutationSpec(name, build.axes, _groups(config), points, build.ties, tuple(fields), prefix)
+        _head_weights(build, family, prefix, head, config)
+    return PermutationSpec(
+        name, build.axes, _groups(config, family), _points(config, family, prefix), build.ties,
+        _fields(config, name, family, heads), prefix, build.splits, family,
+    )
 
 
 def spec_for_model(model: torch.nn.Module) -> PermutationSpec:
     """Build the spec of an HF model instance and check it against the model's state dict.
 
     Raises:
-        UnsupportedModel: the model's class is not in `ARCHITECTURES` or it has weights the spec does not know.
+        UnsupportedModel: the model's class has no family record, or it has weights the spec does not know.
         ArchitectureMismatch: the state dict's shapes disagree with the config.
     """
-    name, arch = _architecture(type(model))
-    pooler_module = arch.prefix + FAMILIES[arch.family].pooler
-    has_pooler = _get_module(model, pooler_module) is not None
-    spec = bert_spec(model.config, name, pooler=has_pooler)
+    name = type(model).__name__
+    family = family_of_class(name)
+    pooler_module = "pooler" in family.heads and _get_module(model, family.prefix(name) + "pooler")
+    spec = spec_from_config(model.config, name, pooler=bool(pooler_module))
     state = model.state_dict()
     spec.check_state_dict(state)
     untied = [a for a, s in spec.ties.items() if a in state and state[a].data_ptr() != state[s].data_ptr()]

@@ -53,6 +53,7 @@ def weight_matching(
     Returns:
         group name -> `Permutation`, for every group in ``groups``.
     """
+    weights_a, weights_b = spec.split(weights_a), spec.split(weights_b)  # fused projections in parts
     names = list(spec.groups if groups is None else groups)
     current: dict[str, Alignment] = {**(fixed or {}), **_starting_perms(spec, names, init)}
     used = {weight for name in names for weight, _ in spec.group_axes[name] if weight in weights_a}

@@ -7,11 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import BertConfig, PreTrainedModel
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
+from lightning_merge.merge.families import get_family
 
-# name -> BertConfig kwargs (litgpt's name_to_config). "base" is BERT-base; the others fit 2 CPU cores.
+# name -> config kwargs (litgpt's name_to_config), in BERT's field names; `build_config` renames the FF width for
+# families that call it otherwise. "base" is BERT-base; the others fit 2 CPU cores.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, intermediate_size=512),
     "mini": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4, intermediate_size=1024),
@@ -22,12 +24,17 @@ PRESETS: dict[str, dict[str, int]] = {
 HF_CONFIG_KEY = "hf_config"  # where our Lightning checkpoints keep the HF config of the wrapped model
 
 
-def build_config(preset: str, vocab_size: int, max_position_embeddings: int = 512, **overrides: Any) -> BertConfig:
-    """A ``BertConfig`` from a size preset; ``overrides`` win over the preset."""
+def build_config(
+    preset: str, vocab_size: int, max_position_embeddings: int = 512, family: str = "bert", **overrides: Any
+) -> PretrainedConfig:
+    """The HF config of a ``family`` model (``bert``, ``gpt2``, ...) from a size preset; ``overrides`` win."""
     if preset not in PRESETS:
         raise UnknownNameError(f"unknown model preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    kwargs = {**PRESETS[preset], **overrides}
-    return BertConfig(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, **kwargs)
+    record = get_family(family)
+    sizes = dict(PRESETS[preset])
+    sizes[record.ff_size[0]] = sizes.pop("intermediate_size")
+    kwargs = {**sizes, "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings, **overrides}
+    return AutoConfig.for_model(record.model_type, **kwargs)
 
 
 def sinusoidal_positions(num_positions: int, width: int, amplitude: float) -> torch.Tensor:
@@ -82,11 +89,14 @@ def _from_lightning_checkpoint(path: Path, model_class: type[PreTrainedModel], *
     checkpoint = load_checkpoint(path)
     if HF_CONFIG_KEY not in checkpoint or "state_dict" not in checkpoint:
         raise CheckpointError(f"checkpoint {path} was not written by lightning_merge (no {HF_CONFIG_KEY!r} entry)")
-    config = BertConfig.from_dict({**checkpoint[HF_CONFIG_KEY], **kwargs})
-    model = model_class(config)
+    fields = {**checkpoint[HF_CONFIG_KEY], **kwargs}
+    config = AutoConfig.for_model(fields.pop("model_type", "bert"), **fields)
+    model = model_class.from_config(config) if hasattr(model_class, "from_config") else model_class(config)
     state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(("classifier.", "cls.", "bert.pooler."))]
+    # a task head (and a pooler) the source lacks starts fresh; the base model itself must be complete
+    base = f"{model.base_model_prefix}."
+    missing = [k for k in missing if k.startswith(base) and not k.startswith(f"{base}pooler.")]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path} does not fit {model_class.__name__}: missing {missing[:3]}")
     return model
@@ -109,7 +119,8 @@ def load_pretrained(
 
     Args:
         source: ``checkpoints/mlm/seed0/hf``, ``.../last.ckpt`` or ``google/multiberts-seed_0``.
-        model_class: e.g. ``BertForMaskedLM`` or ``BertForSequenceClassification``.
+        model_class: e.g. ``BertForMaskedLM``, or an Auto class (``AutoModelForMaskedLM``) that picks the class of
+            the source's family.
         allow_nonfinite: load a model with NaN or infinite weights instead of refusing it.
         kwargs: config overrides such as ``num_labels``.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from conftest import family_tasks, tiny_batch, tiny_model
+from transformers import BertConfig, BertForMaskedLM
 
-from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
+from lightning_merge.merge.families import FAMILIES, model_inputs
+from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
 
 
 def config(**overrides) -> BertConfig:
@@ -23,27 +26,46 @@ def batch(labels: torch.Tensor) -> dict[str, torch.Tensor]:
                 labels=labels)
 
 
-def test_masked_lm_loss_equals_hf_loss_over_masked_positions() -> None:
-    model = BertForMaskedLM(config()).eval()
+MLM_FAMILIES = [name for name, task in family_tasks() if task == "masked_lm"]
+CLASSIFIER_FAMILIES = [name for name, task in family_tasks() if task == "sequence_classification"]
+
+
+@pytest.mark.parametrize("family", MLM_FAMILIES)
+def test_masked_lm_loss_equals_hf_loss_over_masked_positions(family) -> None:
+    model = tiny_model(family, "masked_lm").eval()
+    data = tiny_batch(family)
     generator = torch.Generator().manual_seed(1)
-    ids = torch.randint(5, 40, (3, 10), generator=generator)
-    labels = torch.where(torch.rand(3, 10, generator=generator) < 0.3, ids, -100)
-    data = batch(labels)
+    data["labels"] = torch.where(torch.rand(3, 12, generator=generator) < 0.3, data["input_ids"], -100)
     loss_sum, count = MaskedLMObjective(model)(data)
-    assert count == (labels != -100).sum()
-    torch.testing.assert_close(loss_sum / count, model(**data).loss, rtol=1e-5, atol=1e-6)
+    assert count == (data["labels"] != -100).sum()
+    inputs = model_inputs(data, FAMILIES[family])
+    torch.testing.assert_close(loss_sum / count, model(**inputs, labels=data["labels"]).loss, rtol=1e-5, atol=1e-6)
 
 
-def test_classification_and_regression_losses_equal_hf_losses() -> None:
-    classifier = BertForSequenceClassification(config(num_labels=3)).eval()
-    data = batch(torch.tensor([0, 2, 1]))
+def test_causal_lm_loss_equals_hf_loss_over_real_next_tokens() -> None:
+    model = tiny_model("gpt2", "causal_lm").eval()
+    data = tiny_batch("gpt2")
+    data["labels"] = data["input_ids"].masked_fill(data["attention_mask"] == 0, -100)
+    loss_sum, count = CausalLMObjective(model)(data)
+    assert count == (data["labels"][:, 1:] != -100).sum() == 11 + 6 + 3
+    inputs = model_inputs(data, FAMILIES["gpt2"])
+    torch.testing.assert_close(loss_sum / count, model(**inputs, labels=data["labels"]).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", CLASSIFIER_FAMILIES)
+def test_classification_and_regression_losses_equal_hf_losses(family) -> None:
+    classifier = tiny_model(family, "sequence_classification").eval()
+    data = {**tiny_batch(family), "labels": torch.tensor([0, 2, 1])}
     loss_sum, count, logits = SequenceClassificationObjective(classifier)(data)
     assert count == 3 and logits.shape == (3, 3)
-    torch.testing.assert_close(loss_sum / count, classifier(**data).loss, rtol=1e-5, atol=1e-6)
-    regressor = BertForSequenceClassification(config(num_labels=1)).eval()
-    data = batch(torch.tensor([0.5, 2.0, 4.5]))
+    inputs = model_inputs(data, FAMILIES[family])
+    torch.testing.assert_close(loss_sum / count, classifier(**inputs, labels=data["labels"]).loss, rtol=1e-5,
+                               atol=1e-6)
+    regressor = tiny_model(family, "sequence_classification", num_labels=1).eval()
+    data = {**tiny_batch(family), "labels": torch.tensor([0.5, 2.0, 4.5])}
     loss_sum, count, _ = SequenceClassificationObjective(regressor)(data)
-    torch.testing.assert_close(loss_sum / count, regressor(**data).loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss_sum / count, regressor(**inputs, labels=data["labels"]).loss, rtol=1e-5,
+                               atol=1e-6)
 
 
 def test_masked_lm_objective_reads_position_ids():

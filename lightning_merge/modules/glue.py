@@ -13,8 +13,9 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import Accuracy, F1Score, MatthewsCorrCoef
 from torchmetrics.regression import PearsonCorrCoef, SpearmanCorrCoef
 from transformers import (
-    BertForSequenceClassification,
+    AutoModelForSequenceClassification,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -44,8 +45,9 @@ def predictions(logits: Tensor, task: GlueTask) -> Tensor:
     return logits.squeeze(-1) if task.is_regression else logits.argmax(dim=-1)
 
 
-def build_classifier(init_from: str | Path, task: GlueTask, head_seed: int | None = 0) -> BertForSequenceClassification:
-    """A ``BertForSequenceClassification`` for ``task``, its encoder loaded from ``init_from``.
+def build_classifier(init_from: str | Path, task: GlueTask, head_seed: int | None = 0) -> PreTrainedModel:
+    """A sequence classifier of ``init_from``'s family (``BertForSequenceClassification``, ...) for ``task``, its
+    encoder loaded from ``init_from``.
 
     Weights the source lacks (the classifier, and the pooler when the source is an MLM model without one) are drawn
     from a generator seeded with ``head_seed``, so models fine-tuned from different pretraining seeds start with
@@ -53,10 +55,10 @@ def build_classifier(init_from: str | Path, task: GlueTask, head_seed: int | Non
     """
     labels = {"id2label": dict(enumerate(task.label_names))} if task.label_names else {}
     if head_seed is None:
-        return load_pretrained(init_from, BertForSequenceClassification, num_labels=task.num_labels, **labels)
+        return load_pretrained(init_from, AutoModelForSequenceClassification, num_labels=task.num_labels, **labels)
     with torch.random.fork_rng(devices=[]):  # the global RNG (dropout, shuffling) is left as it was
         torch.manual_seed(head_seed)
-        return load_pretrained(init_from, BertForSequenceClassification, num_labels=task.num_labels, **labels)
+        return load_pretrained(init_from, AutoModelForSequenceClassification, num_labels=task.num_labels, **labels)
 
 
 def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
@@ -75,7 +77,8 @@ def validation_prefixes(task: GlueTask) -> list[str]:
 
 
 class GLUEModule(pl.LightningModule):
-    """HF ``BertForSequenceClassification`` fine-tuned with AdamW and linear warmup/decay; metrics per task.
+    """An HF sequence classifier (of ``init_from``'s family) fine-tuned with AdamW, linear warmup and decay; task
+    metrics.
 
     Logs ``train/loss``, ``val/loss`` and ``val/<metric>`` (``val_mismatched/...`` for MNLI's second validation
     split), ``val/majority_accuracy`` as a baseline, and ``test/...`` for tasks with a labelled test split. Loss is
@@ -105,7 +108,7 @@ class GLUEModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: BertForSequenceClassification | None = None
+        self.model: PreTrainedModel | None = None
         self.objective: SequenceClassificationObjective | None = None
         self.val_metrics: nn.ModuleList | None = None  # one MetricCollection per validation split
         self.test_metrics: MetricCollection | None = None

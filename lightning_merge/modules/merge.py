@@ -17,27 +17,30 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 from torch.func import functional_call
-from transformers import BertForMaskedLM, BertForSequenceClassification, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, UnknownNameError
 from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments
+from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, model_inputs
 from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
 from lightning_merge.models import load_pretrained
-from lightning_merge.objectives import MaskedLMObjective, SequenceClassificationObjective
+from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
 
 
 @dataclass(frozen=True)
 class Task:
-    """What kind of model a merge loads and how its loss is evaluated."""
+    """What kind of model a merge loads (an Auto class: the checkpoint's family picks the class) and how its loss
+    is evaluated."""
 
-    model_class: type[PreTrainedModel]
+    model_class: type
     objective_class: type[nn.Module]
 
 
 TASKS: dict[str, Task] = {
-    "masked_lm": Task(BertForMaskedLM, MaskedLMObjective),
-    "sequence_classification": Task(BertForSequenceClassification, SequenceClassificationObjective),
+    MASKED_LM: Task(AutoModelForMaskedLM, MaskedLMObjective),
+    CAUSAL_LM: Task(AutoModelForCausalLM, CausalLMObjective),
+    SEQUENCE_CLASSIFICATION: Task(AutoModelForSequenceClassification, SequenceClassificationObjective),
 }
 
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 10) for i in range(11))
@@ -49,17 +52,14 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def encoder_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-
-
 class PairModule(pl.LightningModule):
     """Models A and B of one architecture; validation runs both encoders on each batch (for feature hooks).
 
     Args:
         model_a: HF directory, our ``.ckpt`` or hub id of the reference model (keeps its neuron order).
         model_b: the model that gets permuted into A's basis.
-        task: ``masked_lm`` or ``sequence_classification``.
+        task: ``masked_lm``, ``causal_lm`` or ``sequence_classification``; the models' family (BERT, RoBERTa,
+            DistilBERT, RoBERTa-PreLayerNorm, GPT-2) is read from their configs.
         allow_nonfinite: load models with NaN or infinite weights instead of refusing them (their curves will not
             be finite, and the merge stops at the first non-finite loss).
     """
@@ -88,7 +88,7 @@ class PairModule(pl.LightningModule):
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        inputs = encoder_inputs(batch)
+        inputs = model_inputs(batch, self.spec.family)
         self.model_a.base_model(**inputs)  # the hooks sit in the encoder; the heads are not needed for features
         self.model_b.base_model(**inputs)
 
@@ -121,7 +121,7 @@ class InterpolationModule(PairModule):
     Args:
         model_a: reference model (see `PairModule`).
         model_b: model to align to A.
-        task: ``masked_lm`` or ``sequence_classification``.
+        task: see `PairModule`.
         lambdas: the interpolation grid; must contain 0 and 1 and stay within [0, 1].
         allow_nonfinite: see `PairModule`.
     """

@@ -1,4 +1,5 @@
-"""MLMModule: pretrain a BERT masked language model from a size preset (or continue from a checkpoint)."""
+"""MLMModule: pretrain a masked language model of any family with an MLM class (BERT, RoBERTa, DistilBERT,
+RoBERTa-PreLayerNorm) from a size preset, or continue from a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,22 +8,26 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric
-from transformers import BertForMaskedLM
+from transformers import AutoModelForMaskedLM, PreTrainedModel
 
 from lightning_merge.errors import ConfigError
+from lightning_merge.merge.families import MASKED_LM, get_family
 from lightning_merge.models import HF_CONFIG_KEY, build_config, load_pretrained, sinusoidal_positions
 from lightning_merge.modules.optim import adamw_linear_schedule
 from lightning_merge.objectives import MaskedLMObjective
 
 
 class MLMModule(pl.LightningModule):
-    """HF ``BertForMaskedLM`` trained with AdamW, linear warmup and decay; loss only at masked positions.
+    """An HF masked LM (``BertForMaskedLM`` by default) trained with AdamW, linear warmup and decay; loss only at
+    masked positions.
 
     Args:
         preset: model size (``tiny``, ``mini``, ``small``, ``base``), used unless ``init_from`` is given.
+        family: model family of a new model (``bert``, ``roberta``, ``distilbert``, ``roberta-prelayernorm``);
+            a model loaded from ``init_from`` keeps its own.
         init_from: HF directory, our ``.ckpt`` or hub id to start from instead of a random init.
         max_position_embeddings: longest sequence the model can read.
-        config_overrides: extra ``BertConfig`` fields (dropout, layer count, ...), winning over the preset.
+        config_overrides: extra HF config fields (dropout, layer count, ...), winning over the preset.
         lr: peak learning rate.
         weight_decay: AdamW decoupled weight decay (not applied to biases and LayerNorms).
         warmup_ratio: fraction of the training steps spent warming up linearly.
@@ -35,6 +40,7 @@ class MLMModule(pl.LightningModule):
     def __init__(
         self,
         preset: str = "mini",
+        family: str = "bert",
         init_from: str | None = None,
         max_position_embeddings: int = 512,
         config_overrides: dict[str, Any] | None = None,
@@ -46,28 +52,34 @@ class MLMModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model: BertForMaskedLM | None = None
+        if MASKED_LM not in get_family(family).classes:
+            raise ConfigError(f"family {family!r} has no masked-LM class; pretrain it with its own objective")
+        self.model: PreTrainedModel | None = None
         self.objective: MaskedLMObjective | None = None
         self.val_context_loss = MeanMetric()  # loss where the input is [MASK]: context is the only evidence there
         if init_from is not None:
             self.build(None)
 
-    def build(self, vocab_size: int | None) -> None:
+    def build(self, vocab_size: int | None, pad_token_id: int | None = None) -> None:
         """Create the HF model: from ``init_from`` or, with ``vocab_size`` tokens, from the preset.
 
-        Lightning calls this through `configure_model` with the datamodule tokenizer's size.
+        Lightning calls this through `configure_model` with the datamodule tokenizer's size and padding id (which
+        RoBERTa's position ids count from).
         """
         hp = self.hparams
         if hp.init_from is not None:
-            model = load_pretrained(hp.init_from, BertForMaskedLM).train()  # from_pretrained returns eval mode
+            model = load_pretrained(hp.init_from, AutoModelForMaskedLM).train()  # from_pretrained returns eval mode
         else:
             if vocab_size is None:
                 raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) for its vocab")
             overrides = dict(hp.config_overrides or {})
-            config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, **overrides)
-            model = BertForMaskedLM(config)
+            if pad_token_id is not None:
+                overrides.setdefault("pad_token_id", pad_token_id)
+            config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, hp.family, **overrides)
+            model = AutoModelForMaskedLM.from_config(config)
             if hp.sinusoidal_positions is not None:
-                table = model.bert.embeddings.position_embeddings.weight
+                positions = get_family(hp.family).embeddings[1]
+                table = model.base_model.get_submodule(positions).weight
                 with torch.no_grad():
                     table.copy_(sinusoidal_positions(*table.shape, amplitude=hp.sinusoidal_positions))
         self.model = model
@@ -76,7 +88,10 @@ class MLMModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             tokenizer = getattr(self.trainer.datamodule, "tokenizer", None)
-            self.build(len(tokenizer) if tokenizer is not None else None)
+            if tokenizer is None:
+                self.build(None)
+            else:
+                self.build(len(tokenizer), tokenizer.pad_token_id)
 
     def model_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         loss_sum, count = self.objective(batch)

@@ -237,7 +237,7 @@ def run_one(args: argparse.Namespace) -> dict:
         total = time.perf_counter() - start
     module.to(device)
     apply_start = time.perf_counter()
-    module.endpoint_b(args.methods[-1])
+    module.endpoints(args.methods[-1])
     apply_s = time.perf_counter() - apply_start
     forward_s = _forward_seconds(module, data.test_dataloader(), args.precision)
     statistics_loader = DataLoader(TensorDictDataset(data.features),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -29,7 +28,7 @@ from lightning_merge.io import (
     remove_stale_temporaries,
 )
 from lightning_merge.memory import release_freed_memory
-from lightning_merge.merge.alignment import save_alignments
+from lightning_merge.merge.alignment import needs_folded_norms, save_alignments
 from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import STATISTICS_DTYPE, product_dtype
@@ -148,6 +147,8 @@ class MergeTrainer(pl.Trainer):
         names = list(methods or DEFAULT_METHODS)
         run_dir = Path(self.default_root_dir)
         chosen = self._check_request(run_dir, names, export_method, overwrite)
+        for method in chosen.values():
+            method.check_spec(model.spec)
         product_dtype(statistics_dtype)  # an unknown name fails before any work
         if statistics_batch_size is not None and statistics_batch_size < 1:
             raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
@@ -173,6 +174,7 @@ class MergeTrainer(pl.Trainer):
         )
         alignments = self._fit_alignments(model, chosen, inputs, timings)
         model.set_methods(alignments, _task_metrics(datamodule))
+        untied = _report_folding(model)
         release_freed_memory()  # the statistics and correlations, before the curves' parameters and activations
         start = time.perf_counter()
         self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
@@ -182,7 +184,7 @@ class MergeTrainer(pl.Trainer):
         descriptions = {name: method.describe() for name, method in chosen.items()}
         for name, figures in model.results["barriers"].items():
             figures["function_preserving"] = descriptions[name]["function_preserving"]
-        results = {**model.results, "methods": descriptions, "timings": timings}
+        results = {**model.results, "methods": descriptions, "untied": untied, "timings": timings}
         self._write_outputs(run_dir, model, alignments, results, export_method, export_lambda, datamodule)
         return results
 
@@ -312,16 +314,30 @@ class MergeTrainer(pl.Trainer):
 
     @staticmethod
     def _export_merged(path: Path, model: InterpolationModule, method: str, lam: float, datamodule: Any) -> None:
-        merged = copy.deepcopy(model.model_a)  # keeps buffers and the decoder/embedding tie
-        with torch.no_grad():
-            for name, value in model.interpolated(method, lam).items():
-                merged.get_parameter(name).copy_(value)
+        merged = model.merged_model(method, lam)
         check_finite(merged, f"merged by {method} at lambda={lam:g}")
         tokenizer = getattr(datamodule, "tokenizer", None)
         with atomic_dir(path, overwrite=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+
+
+@rank_zero_only
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _report_folding(model: InterpolationModule) -> dict[str, list[str]]:
+    """Say which methods evaluate folded endpoints and what they untie: nothing is approximated silently."""
+    untied = {method: model.untied(method) for method in model.methods if model.untied(method)}
+    folded = [method for method, alignments in model.methods.items() if needs_folded_norms(alignments)]
+    for method in folded:
+        ties = model.spec.ties
+        detail = "; ".join(f"{name} untied from {ties[name]}" for name in untied.get(method, []))
+        _say(f"{method}: LayerNorm gains folded into the layers that read them in both endpoints (same functions)"
+             + (f"; {detail} in both" if detail else ""))
+    return untied
 
 
 BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "function_preserving")

@@ -33,9 +33,9 @@ def write_corpus(path: Path, lines: int = 300) -> Path:
     return path
 
 
-def tiny_fit_args(tmp_path: Path, corpus: Path, seed: int = 0) -> list[str]:
+def tiny_fit_args(tmp_path: Path, corpus: Path, seed: int = 0, config: str = "configs/mlm.yaml") -> list[str]:
     return [
-        "fit", "--config", str(ROOT / "configs/mlm.yaml"), "--seed_everything", str(seed),
+        "fit", "--config", str(ROOT / config), "--seed_everything", str(seed),
         "--trainer.default_root_dir", str(tmp_path / f"seed{seed}"), "--trainer.max_steps", "2",
         "--trainer.val_check_interval", "2", "--trainer.enable_progress_bar", "false",
         "--model.init_args.preset", "tiny",
@@ -101,6 +101,19 @@ def test_fit_writes_checkpoints_hf_export_and_logs(fitted) -> None:
     assert model.config.num_hidden_layers == 2
     assert (run / "hf" / "tokenizer.json").is_file()
     assert list((run / "tb").glob("events.out.tfevents.*"))
+
+
+def test_clm_fit_pretrains_a_gpt2_and_logs_its_unigram_gap(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import AutoModelForCausalLM
+
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    assert run_cli(tiny_fit_args(tmp_path, corpus, 0, "configs/clm.yaml")) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "seed0" / "hf")
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.config.n_layer == 2
+    events = EventAccumulator(str(tmp_path / "seed0" / "tb"))
+    events.Reload()
+    assert {"val/loss", "val/unigram_gap"} <= set(events.Tags()["scalars"])
 
 
 def test_fit_resumes_from_last(fitted, tmp_path) -> None:

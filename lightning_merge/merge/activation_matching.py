@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.merge.alignment import Alignment, HeadLinear, Permutation
+from lightning_merge.merge.alignment import Alignment, HeadLinear, Orthogonal, Permutation
 from lightning_merge.merge.matching import (
     RESIDUAL_POINTS,
     head_pairing,
@@ -25,6 +25,7 @@ from lightning_merge.merge.matching import (
     match_head_perm,
     match_ignore_heads,
     match_monotonic,
+    procrustes_fixing_ones,
     whole_head_permutation,
 )
 from lightning_merge.merge.method import STATISTICS, FitInputs, MergeMethod
@@ -40,6 +41,12 @@ PROCRUSTES = (
     "https://arxiv.org/abs/2506.22712)"
 )
 
+ORTHOGONAL_RESIDUAL = (
+    "Theus et al., Generalized Linear Mode Connectivity for Transformers, https://arxiv.org/abs/2506.22712 "
+    "(orthogonal residual maps of pre-LN models); the map fixing the all-ones direction and the folding of LayerNorm "
+    "gains are ours, so B's function is kept exactly"
+)
+
 
 @dataclass(frozen=True)
 class GroupAligner:
@@ -50,6 +57,7 @@ class GroupAligner:
     function_preserving: bool
     summary: str
     reference: str = PAPER
+    check_spec: Callable[[PermutationSpec], None] = lambda spec: None  # noqa: E731 - raises if it cannot align spec
 
 
 def _own_features(group: PermGroup) -> list[str]:
@@ -82,6 +90,23 @@ def _fit_attention_linear(statistics: MergeStatistics, group: PermGroup) -> Alig
     return HeadLinear(whole_head_permutation(head_of_a, group.head_dim), maps)
 
 
+def _check_orthogonal_residual(spec: PermutationSpec) -> None:
+    refusal = spec.family.orthogonal_residual_refusal() if spec.family else "the models' family is unknown"
+    if refusal:
+        raise ConfigError(f"res[orthogonal] cannot keep model B's function: {refusal}")
+
+
+def _fit_residual_orthogonal(statistics: MergeStatistics, group: PermGroup) -> Alignment:
+    """One orthogonal map of the stream fixing the all-ones direction: Procrustes on the cross-covariances of every
+    residual point, each scaled to unit total variance so that no layer's stream dominates by its norm alone."""
+    _check_orthogonal_residual(statistics.spec)
+    cross = 0
+    for point in statistics.group_points(group.name):
+        covariance, var_a, var_b, _, _ = point.moments()
+        cross = cross + covariance / (var_a.sum() * var_b.sum()).sqrt().clamp(min=1e-30)
+    return Orthogonal(procrustes_fixing_ones(cross))
+
+
 def _residual_aligner(points: slice) -> Callable:
     def fit(statistics: MergeStatistics, group: PermGroup) -> Alignment:
         return Permutation(match_features(statistics.correlation(group.name, points), overwrite=True))
@@ -107,6 +132,11 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
         variant: GroupAligner(_residual_aligner(points), _own_features, True,
                               f"one permutation of the stream from the {variant} residual point(s)")
         for variant, points in RESIDUAL_POINTS.items()
+    } | {
+        "orthogonal": GroupAligner(_fit_residual_orthogonal, _own_features, True,
+                                   "one orthogonal map of the stream fixing the all-ones direction (Procrustes on "
+                                   "every residual point); pre-LN models, LayerNorm gains folded into their readers",
+                                   ORTHOGONAL_RESIDUAL, _check_orthogonal_residual),
     },
 }
 
@@ -115,8 +145,9 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
 UNSUPPORTED_VARIANTS: dict[str, dict[str, str]] = {
     "ff": {"linear": "the GELU between a feed-forward layer's rows and columns commutes only with permutations, "
                      "so a linear map would change model B's function"},
-    "res": {"linear": "in this post-LayerNorm model every LayerNorm scales the residual stream elementwise, and only a "
-                      "permutation commutes with that, so a linear map would change model B's function"},
+    "res": {"linear": "a LayerNorm's elementwise gain commutes only with permutations, and its centring and scaling "
+                      "only with orthogonal maps that fix the all-ones direction, so a general linear map would "
+                      "change model B's function"},
 }
 
 
@@ -161,6 +192,10 @@ class ActivationMatching(MergeMethod):
     def group_names(self, spec: PermutationSpec) -> list[str]:
         """The spec groups it aligns."""
         return spec.groups_of_kind(self.variants)
+
+    def check_spec(self, spec: PermutationSpec) -> None:
+        for kind in self.variants:
+            self._aligner(kind).check_spec(spec)
 
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
         features = [f for name in self.group_names(spec) for f in self._aligner(spec.groups[name].kind).features(

@@ -6,6 +6,8 @@ reader of them) by M⁻ᵀ, a ``norm`` axis (an elementwise LayerNorm scale) onl
 
 - `Permutation`: M is a permutation matrix, so every role is the same gather. Function-preserving for every group,
   except an attention permutation that moves features across heads (`Permutation.preserves_function` checks).
+- `Orthogonal`: an orthogonal map of the residual stream fixing the all-ones direction; exact for pre-LN models once
+  their LayerNorm gains are folded into the layers that read them (`lightning_merge.merge.fold`).
 - `HeadLinear`: an attention group's heads paired by a permutation, then within each head one invertible map for
   the query/key subspace (T on query rows, T⁻ᵀ on key rows: QKᵀ unchanged) and one for the value/output subspace
   (T on value rows, T⁻¹ on output columns). Function-preserving by construction.
@@ -139,7 +141,53 @@ class HeadLinear(Alignment):
         return cls(tensors["perm"].long(), {name: value for name, value in tensors.items() if name != "perm"})
 
 
-ALIGNMENT_KINDS: dict[str, type[Alignment]] = {kind.kind: kind for kind in (Permutation, HeadLinear)}
+@dataclass(frozen=True, eq=False)
+class Orthogonal(Alignment):
+    """An orthogonal map of the residual stream that fixes the all-ones direction (so LayerNorm's centring and
+    scaling commute with it). Exact only once the LayerNorm gains are folded into their readers
+    (`lightning_merge.merge.fold`): it refuses to act on an elementwise (``norm``) axis.
+
+    Attributes:
+        matrix: (d, d) orthogonal, ``matrix @ 1 = 1``; a feature vector x of B becomes ``matrix @ x``.
+    """
+
+    matrix: torch.Tensor
+    kind: ClassVar[str] = "orthogonal"
+    needs_folded_norms: ClassVar[bool] = True
+
+    def apply(self, tensor: torch.Tensor, index: int, axis: Axis) -> torch.Tensor:
+        if axis.role == "norm":
+            raise ConfigError(f"an orthogonal map of group {axis.group!r} cannot act on a LayerNorm gain; fold the "
+                              "gains into the layers that read them first (lightning_merge.merge.fold)")
+        return _per_head_map(tensor, index, self.matrix[None])  # M⁻ᵀ = M: readers and writers alike
+
+    def check(self, group: PermGroup) -> None:
+        matrix = self.matrix.double()
+        if tuple(matrix.shape) != (group.size, group.size) or not torch.isfinite(matrix).all():
+            raise ConfigError(f"the orthogonal map of group {group.name!r} is not a finite {group.size}x{group.size} "
+                              "matrix")
+        identity = torch.eye(group.size, dtype=torch.float64, device=matrix.device)
+        ones = torch.ones(group.size, dtype=torch.float64, device=matrix.device)
+        if (matrix.T @ matrix - identity).abs().max() > 1e-6 or (matrix @ ones - ones).abs().max() > 1e-6:
+            raise ConfigError(f"the map of group {group.name!r} is not orthogonal with the all-ones direction fixed")
+
+    def preserves_function(self, group: PermGroup) -> bool:
+        return True  # on folded LayerNorms; `apply` refuses the elementwise axes it would break
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"matrix": self.matrix}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Orthogonal:
+        return cls(tensors["matrix"])
+
+
+ALIGNMENT_KINDS: dict[str, type[Alignment]] = {kind.kind: kind for kind in (Permutation, HeadLinear, Orthogonal)}
+
+
+def needs_folded_norms(alignments: Mapping[str, Alignment]) -> bool:
+    """Whether applying ``alignments`` needs the LayerNorm gains folded into their readers first."""
+    return any(getattr(alignment, "needs_folded_norms", False) for alignment in alignments.values())
 
 
 def _per_head_map(tensor: torch.Tensor, index: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -86,6 +86,21 @@ def orthogonal_procrustes(cross: torch.Tensor) -> torch.Tensor:
     return left @ right_t
 
 
+def ones_complement_basis(size: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """An orthonormal basis (size, size − 1) of the directions orthogonal to the all-ones vector."""
+    with_ones = torch.cat([torch.ones(size, 1, dtype=dtype), torch.eye(size, dtype=dtype)[:, : size - 1]], dim=1)
+    return torch.linalg.qr(with_ones).Q[:, 1:]
+
+
+def procrustes_fixing_ones(cross: torch.Tensor) -> torch.Tensor:
+    """The orthogonal T with T 1 = 1 that maximises tr(Tᵀ cross), ``cross`` = E[x_a x_bᵀ] (d, d): Procrustes on the
+    complement of the all-ones direction, identity along it (what LayerNorm's centring needs to commute)."""
+    size = cross.shape[0]
+    basis = ones_complement_basis(size).to(cross.device)
+    inner = orthogonal_procrustes(basis.T @ cross.double() @ basis)
+    return torch.full((size, size), 1.0 / size, dtype=torch.float64, device=cross.device) + basis @ inner @ basis.T
+
+
 def head_procrustes(cross: torch.Tensor, head_of_a: torch.Tensor, num_heads: int) -> torch.Tensor:
     """One orthogonal map per head of A from B's paired head: (num_heads, head_dim, head_dim).
 

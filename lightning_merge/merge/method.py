@@ -173,6 +173,9 @@ class MergeMethod(ABC):
         """The feature sets (names in ``spec.points``) whose statistics ``fit`` reads; empty without `STATISTICS`."""
         return []
 
+    def check_spec(self, spec: PermutationSpec) -> None:
+        """Raise `ConfigError` if the method cannot align models of ``spec`` (checked before any compute)."""
+
     @abstractmethod
     def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
         """One alignment of B per group it aligns (groups it leaves alone are absent)."""

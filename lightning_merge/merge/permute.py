@@ -33,3 +33,13 @@ def random_permutations(
 ) -> dict[str, torch.Tensor]:
     """Random function-preserving perms for every group of the given kinds (a test helper)."""
     return {name: random_group_permutation(spec.groups[name], generator) for name in spec.groups_of_kind(kinds)}
+
+
+def random_orthogonal_fixing_ones(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A random (Haar on the complement) orthogonal (size, size) float64 matrix with ``matrix @ 1 = 1``."""
+    from lightning_merge.merge.matching import ones_complement_basis
+
+    q, r = torch.linalg.qr(torch.randn(size - 1, size - 1, generator=generator, dtype=torch.float64))
+    inner = q * torch.sign(torch.diagonal(r))
+    basis = ones_complement_basis(size)
+    return torch.full((size, size), 1.0 / size, dtype=torch.float64) + basis @ inner @ basis.T

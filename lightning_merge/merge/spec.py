@@ -143,6 +143,9 @@ class PermutationSpec:
         base_prefix: where the base model sits in the full model (``"bert."``).
         splits: fused model weight -> its `Split` into the parts ``axes`` describes.
         family: the `Family` record the spec was built from.
+        norm_readers: pre-LN families: LayerNorm module -> the weights (``axes`` names) that read its output, where
+            `lightning_merge.merge.fold.fold_layer_norms` folds its gain.
+        norms_folded: whether the LayerNorm gains have been folded into their readers (see that function).
     """
 
     architecture: str
@@ -154,6 +157,8 @@ class PermutationSpec:
     base_prefix: str = ""
     splits: Mapping[str, Split] = field(default_factory=dict)
     family: Family | None = None
+    norm_readers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    norms_folded: bool = False
 
     def split(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state_dict`` with every fused weight replaced by its parts (views), in place of the fused entry."""
@@ -260,11 +265,24 @@ class _SpecBuilder:
         self.axes: dict[str, tuple[Axis | None, ...]] = {}
         self.ties: dict[str, str] = {}
         self.splits: dict[str, Split] = {}
+        self.norm_readers: dict[str, list[str]] = {}
+        self.reading_norm: str | None = None  # pre-LN: the LayerNorm whose output the next stream readers read
+
+    def read_by(self, norm: str | None) -> None:
+        """Attribute the stream readers declared from now on to ``norm`` (None: to no LayerNorm)."""
+        self.reading_norm = norm
+        if norm is not None:
+            self.norm_readers.setdefault(norm, [])
+
+    def _reads(self, weight: str, p_in: GroupRef) -> None:
+        if self.reading_norm is not None and _axis(p_in, "in") == Axis(RESIDUAL, "in"):
+            self.norm_readers[self.reading_norm].append(weight)
 
     def dense(self, name: str, p_out: GroupRef, p_in: GroupRef, bias: bool = True, layout: str | None = None) -> None:
         rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
         transposed = (layout or self.layout) == "conv1d"
         self.axes[f"{name}.weight"] = (columns, rows) if transposed else (rows, columns)
+        self._reads(f"{name}.weight", p_in)
         if bias:
             self.axes[f"{name}.bias"] = (rows,)
 
@@ -276,6 +294,7 @@ class _SpecBuilder:
         for part, p_out in parts.items():
             rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
             self.axes[f"{name}.weight{PART}{part}"] = (columns, rows) if self.layout == "conv1d" else (rows, columns)
+            self._reads(f"{name}.weight{PART}{part}", p_in)
             self.axes[f"{name}.bias{PART}{part}"] = (rows,)
 
     def norm(self, name: str, p: str | None) -> None:
@@ -288,22 +307,28 @@ class _SpecBuilder:
     def vector(self, name: str, p: str | None) -> None:
         self.axes[name] = (_axis(p, "out"),)
 
-    def tie(self, alias: str, source: str) -> None:
+    def tie(self, alias: str, source: str, reads: bool = False) -> None:
         self.ties[alias] = source
         self.axes[alias] = self.axes[source]
+        if reads:
+            self._reads(alias, RESIDUAL)
 
 
 def _layer_weights(build: _SpecBuilder, family: Family, layer: str, i: int) -> None:
     attn, ff = f"attn.{i}", f"ff.{i}"
+    pre = family.norm_placement == "pre"
     # keys meet queries in QKᵀ, so they read the qk subspace (M⁻ᵀ) while queries carry it (M)
     projections = {"query": Axis(attn, "out", "qk"), "key": Axis(attn, "in", "qk"), "value": Axis(attn, "out", "vo")}
+    build.read_by(f"{layer}.{family.norms[0]}" if pre else None)
     if family.fused_attention:
         build.fused_dense(f"{layer}.{family.attention}", projections, RESIDUAL)
     else:
         for module, axis in zip(family.attention, projections.values()):
             build.dense(f"{layer}.{module}", axis, RESIDUAL)
     build.dense(f"{layer}.{family.attention_out}", RESIDUAL, Axis(attn, "in", "vo"))
+    build.read_by(f"{layer}.{family.norms[1]}" if pre else None)
     build.dense(f"{layer}.{family.ff_in}", ff, RESIDUAL)
+    build.read_by(None)
     build.dense(f"{layer}.{family.ff_out}", RESIDUAL, ff)
     for norm in family.norms:
         build.norm(f"{layer}.{norm}", RESIDUAL)
@@ -312,18 +337,21 @@ def _layer_weights(build: _SpecBuilder, family: Family, layer: str, i: int) -> N
 def _head_weights(build: _SpecBuilder, family: Family, prefix: str, head: str, config: Any) -> None:
     word_embeddings = f"{prefix}{family.embeddings[0]}.weight"
     tied = bool(getattr(config, "tie_word_embeddings", True))
+    # a pre-LN model's heads read the final LayerNorm; a LayerNorm inside a head is read by what follows it
+    build.read_by(prefix + family.final_norm if family.final_norm else None)
     for weight in family.heads[head]:
         name = weight.name.format(base=prefix)
         if isinstance(weight, Dense):
             build.dense(name, weight.out, weight.reads, weight.bias, layout="linear")
         elif isinstance(weight, Norm):
             build.norm(name, RESIDUAL)
+            build.read_by(name)
         elif isinstance(weight, Vector):
             build.vector(name, None)
         elif tied:
             # the tie gives the decoder the embeddings' ``out`` role, although it reads the stream (``in``): one
             # tensor takes one transform, so only alignments with M⁻ᵀ = M (permutations, orthogonal maps) keep it
-            build.tie(f"{name}.weight", word_embeddings)
+            build.tie(f"{name}.weight", word_embeddings, reads=True)
             if weight.shared_bias:
                 build.tie(f"{name}.bias", weight.shared_bias)
             elif weight.bias:
@@ -433,9 +461,10 @@ def spec_from_config(
         build.norm(prefix + family.final_norm, RESIDUAL)
     for head in heads:
         _head_weights(build, family, prefix, head, config)
+    readers = {norm: tuple(weights) for norm, weights in build.norm_readers.items() if weights}
     return PermutationSpec(
         name, build.axes, _groups(config, family), _points(config, family, prefix), build.ties,
-        _fields(config, name, family, heads), prefix, build.splits, family,
+        _fields(config, name, family, heads), prefix, build.splits, family, readers,
     )
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +18,17 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 from torch.func import functional_call
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+)
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, UnknownNameError
-from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments
+from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments, needs_folded_norms
 from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, model_inputs
+from lightning_merge.merge.fold import fold_layer_norms
 from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
 from lightning_merge.models import load_pretrained
@@ -142,6 +149,7 @@ class InterpolationModule(PairModule):
         self.curve_sums: CurveSums | None = None
         self.task_metrics = nn.ModuleList()
         self.results: dict | None = None
+        self._folded_states: tuple[tuple, tuple] | None = None
 
     def set_methods(
         self,
@@ -162,17 +170,51 @@ class InterpolationModule(PairModule):
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
-    def endpoint_b(self, method: str) -> dict[str, Tensor]:
-        """π(θ_B): model B's parameters aligned by ``method``, in A's basis."""
-        return apply_alignments(self.model_b.state_dict(), self.spec, self.methods[method])
+    def endpoints(self, method: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(θ_A, π(θ_B)) of ``method`` by parameter name, tied aliases included (sharing their source's tensor).
+
+        A method whose alignment needs the LayerNorm gains folded into their readers (``res[orthogonal]``) gets
+        both endpoints folded (`fold_layer_norms`: the same functions, with a tied reader untied)."""
+        names = [name for name, _ in self.model_a.named_parameters(remove_duplicate=False)]
+        alignments = self.methods[method]
+        if needs_folded_norms(alignments):
+            (state_a, spec, _), (state_b, _, _) = self._folded()
+        else:
+            state_a, state_b, spec = self.model_a.state_dict(), self.model_b.state_dict(), self.spec
+        aligned_b = apply_alignments(state_b, spec, alignments)
+        return {name: state_a[name] for name in names}, {name: aligned_b[name] for name in names}
+
+    def untied(self, method: str) -> list[str]:
+        """The weights ``method``'s endpoints untie from their tie source (see `endpoints`)."""
+        return self._folded()[0][2] if needs_folded_norms(self.methods[method]) else []
+
+    def _folded(self) -> tuple[tuple, tuple]:
+        if self._folded_states is None:
+            self._folded_states = tuple(fold_layer_norms(model.state_dict(), self.spec)
+                                        for model in (self.model_a, self.model_b))
+        return self._folded_states
 
     def interpolated(
-        self, method: str, lam: float, permuted_b: Mapping[str, Tensor] | None = None
+        self, method: str, lam: float, endpoints: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None
     ) -> dict[str, Tensor]:
-        """θ(λ) for one method as a parameter dict (names of model A's parameters)."""
-        permuted_b = self.endpoint_b(method) if permuted_b is None else permuted_b
-        params_a = dict(self.model_a.named_parameters())  # tied aliases appear once
-        return interpolate_state_dicts(params_a, {name: permuted_b[name] for name in params_a}, lam)
+        """θ(λ) for one method as a parameter dict (every parameter name of model A, tied aliases included)."""
+        state_a, aligned_b = self.endpoints(method) if endpoints is None else endpoints
+        return interpolate_state_dicts(state_a, aligned_b, lam)
+
+    def merged_model(self, method: str, lam: float) -> PreTrainedModel:
+        """A copy of model A holding θ(λ) of ``method``; weights the method's endpoints untie are untied in it."""
+        merged = copy.deepcopy(self.model_a)  # keeps buffers and the decoder/embedding tie
+        untied = self.untied(method)
+        if untied:
+            merged.config.tie_word_embeddings = False
+        with torch.no_grad():
+            for name, value in self.interpolated(method, lam).items():
+                if name in untied:
+                    module, _, attribute = name.rpartition(".")
+                    setattr(merged.get_submodule(module), attribute, nn.Parameter(value.detach().clone()))
+                else:
+                    merged.get_parameter(name).copy_(value)
+        return merged
 
     def mean_loss(self, params: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
         """The objective's mean loss on ``batch`` of model A's structure with ``params`` (differentiable).
@@ -188,13 +230,15 @@ class InterpolationModule(PairModule):
     @torch.no_grad()
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         for m, method in enumerate(self.methods):
-            permuted_b = self.endpoint_b(method)  # once per batch and method; cheap beside a forward
+            endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
-                self._evaluate_point(m, i, self.interpolated(method, lam, permuted_b), batch)
+                self._evaluate_point(m, i, self.interpolated(method, lam, endpoints), batch)
 
     def _evaluate_point(self, m: int, i: int, params: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
-        # its own frame: one point's parameters are freed before the next point's are built
-        output = functional_call(self.objective, {f"model.{k}": v for k, v in params.items()}, (batch,))
+        # its own frame: one point's parameters are freed before the next point's are built. Every parameter name
+        # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
+        state = {f"model.{k}": v for k, v in params.items()}
+        output = functional_call(self.objective, state, (batch,), tie_weights=False)
         self.curve_sums.update(m, i, output[0], output[1])
         if self.task_metrics:
             self._update_task_metric(m * len(self.lambdas) + i, output[2], batch["labels"])

@@ -3,18 +3,18 @@ RoBERTa-PreLayerNorm) from a size preset, or continue from a checkpoint."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
 from torchmetrics import MeanMetric
-from transformers import AutoModelForMaskedLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedModel
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.merge.families import MASKED_LM, get_family
+from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, get_family
 from lightning_merge.models import HF_CONFIG_KEY, build_config, load_pretrained, sinusoidal_positions
 from lightning_merge.modules.optim import adamw_linear_schedule
-from lightning_merge.objectives import MaskedLMObjective
+from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective
 
 
 class MLMModule(pl.LightningModule):
@@ -23,8 +23,9 @@ class MLMModule(pl.LightningModule):
 
     Args:
         preset: model size (``tiny``, ``mini``, ``small``, ``base``), used unless ``init_from`` is given.
-        family: model family of a new model (``bert``, ``roberta``, ``distilbert``, ``roberta-prelayernorm``);
-            a model loaded from ``init_from`` keeps its own.
+        family: model family of a new model (``bert``, ``roberta``, ``distilbert``, ``roberta-prelayernorm``;
+            ``gpt2`` for `CLMModule`'s causal LM); default ``bert`` here, ``gpt2`` in `CLMModule`. A model
+            loaded from ``init_from`` keeps its own.
         init_from: HF directory, our ``.ckpt`` or hub id to start from instead of a random init.
         max_position_embeddings: longest sequence the model can read.
         config_overrides: extra HF config fields (dropout, layer count, ...), winning over the preset.
@@ -37,10 +38,15 @@ class MLMModule(pl.LightningModule):
             minutes then learn to use context; with the default init they stay at unigram + copy-the-input level.
     """
 
+    task: ClassVar[str] = MASKED_LM
+    default_family: ClassVar[str] = "bert"
+    auto_class: ClassVar[type] = AutoModelForMaskedLM
+    objective_class: ClassVar[type] = MaskedLMObjective
+
     def __init__(
         self,
         preset: str = "mini",
-        family: str = "bert",
+        family: str | None = None,
         init_from: str | None = None,
         max_position_embeddings: int = 512,
         config_overrides: dict[str, Any] | None = None,
@@ -51,11 +57,14 @@ class MLMModule(pl.LightningModule):
         sinusoidal_positions: float | None = None,
     ) -> None:
         super().__init__()
+        family = family or self.default_family
         self.save_hyperparameters()
-        if MASKED_LM not in get_family(family).classes:
-            raise ConfigError(f"family {family!r} has no masked-LM class; pretrain it with its own objective")
+        self.hparams.family = family
+        if self.task not in get_family(family).classes:
+            raise ConfigError(f"family {family!r} has no {self.task} class; MLMModule pretrains masked LMs and "
+                              "CLMModule causal LMs")
         self.model: PreTrainedModel | None = None
-        self.objective: MaskedLMObjective | None = None
+        self.objective: MaskedLMObjective | CausalLMObjective | None = None
         self.val_context_loss = MeanMetric()  # loss where the input is [MASK]: context is the only evidence there
         if init_from is not None:
             self.build(None)
@@ -68,7 +77,7 @@ class MLMModule(pl.LightningModule):
         """
         hp = self.hparams
         if hp.init_from is not None:
-            model = load_pretrained(hp.init_from, AutoModelForMaskedLM).train()  # from_pretrained returns eval mode
+            model = load_pretrained(hp.init_from, self.auto_class).train()  # from_pretrained returns eval mode
         else:
             if vocab_size is None:
                 raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) for its vocab")
@@ -76,14 +85,14 @@ class MLMModule(pl.LightningModule):
             if pad_token_id is not None:
                 overrides.setdefault("pad_token_id", pad_token_id)
             config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, hp.family, **overrides)
-            model = AutoModelForMaskedLM.from_config(config)
+            model = self.auto_class.from_config(config)
             if hp.sinusoidal_positions is not None:
                 positions = get_family(hp.family).embeddings[1]
                 table = model.base_model.get_submodule(positions).weight
                 with torch.no_grad():
                     table.copy_(sinusoidal_positions(*table.shape, amplitude=hp.sinusoidal_positions))
         self.model = model
-        self.objective = MaskedLMObjective(model)
+        self.objective = self.objective_class(model)
 
     def configure_model(self) -> None:
         if self.model is None:
@@ -136,3 +145,20 @@ class MLMModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[HF_CONFIG_KEY] = self.model.config.to_dict()
+
+
+class CLMModule(MLMModule):
+    """An HF causal LM (``GPT2LMHeadModel``) trained like `MLMModule`, on next-token loss at every real position.
+
+    Takes `MLMModule`'s arguments (``family`` defaults to ``gpt2`` here); logs ``val/loss``, ``val/ppl`` and, with a
+    `lightning_merge.data.clm.CLMDataModule`, ``val/unigram_gap`` (the same measure as the MLM's, on next tokens).
+    """
+
+    task: ClassVar[str] = CAUSAL_LM
+    default_family: ClassVar[str] = "gpt2"
+    auto_class: ClassVar[type] = AutoModelForCausalLM
+    objective_class: ClassVar[type] = CausalLMObjective
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        losses, _ = self.objective.token_losses(batch)
+        self.log("val/loss", losses.mean(), batch_size=losses.numel(), sync_dist=True, prog_bar=True)

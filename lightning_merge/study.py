@@ -27,6 +27,7 @@ from lightning_merge.report import MERGE_COMPLETE
 
 COMPLETE_MARKER = ".stage_complete.json"
 STARTED_MARKER = ".stage_started.json"  # this study wrote the folder: it may clear it to restart the stage
+LANGUAGE_MODELS = ("MLM", "CLM")
 PROGRESS_INTERVAL_S = 60.0  # how often a running stage prints its elapsed and expected remaining time
 
 
@@ -263,6 +264,7 @@ def reproduce(
     mlm_merge_config: str = "configs/merge/mlm.yaml",
     merge_args: list[str] | None = None,
     tasks: dict[str, TaskSpec] | None = None,
+    language_model: str = "MLM",
 ) -> Path:
     """Run the whole study: pretrain every seed, fine-tune each on every task, merge every pair, write the report.
 
@@ -276,6 +278,7 @@ def reproduce(
         mlm_merge_config: ``lm-merge merge`` config for the pretrained MLMs.
         merge_args: extra ``lm-merge merge`` arguments for every merge (e.g. ``--methods``).
         tasks: fine-tuning task name -> `TaskSpec` (fit and merge configs).
+        language_model: what the pretrained models are, for the report: ``MLM`` (masked) or ``CLM`` (causal).
 
     Returns:
         The report directory.
@@ -283,6 +286,8 @@ def reproduce(
     from lightning_merge.study_report import write_study_report
 
     seeds = list(seeds if seeds is not None else [0, 1, 2])
+    if language_model not in LANGUAGE_MODELS:
+        raise ConfigError(f"language_model {language_model!r} is not one of {', '.join(LANGUAGE_MODELS)}")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"a study needs at least two distinct seeds, got {seeds}")
     root = Path(study_dir)
@@ -291,7 +296,7 @@ def reproduce(
     clock = StudyClock(stages)
     for index, stage in enumerate(stages, start=1):
         _run_stage(stage, index, len(stages), root / "logs", clock)
-    return write_study_report(root, seeds, list((tasks or {}).keys()))
+    return write_study_report(root, seeds, list((tasks or {}).keys()), language_model)
 
 
 def study_stages(

@@ -28,7 +28,21 @@ RESIDUAL_ROWS = (
     ("residual, all", "res[all]"),
     ("full: FF + attn + residual", "ff+attn+res"),
 )
+# Table 3 (pre-LN models only): the residual stream by one orthogonal map, folded LayerNorms (docs/methods.md)
+ORTHOGONAL_ROWS = (
+    ("identity (vanilla)", "vanilla"),
+    ("residual permutation, all", "res[all]"),
+    ("residual orthogonal", "res[orthogonal]"),
+    ("full: FF + attn + residual permutation", "ff+attn+res"),
+    ("FF + attn + residual orthogonal", "ff+attn+res[orthogonal]"),
+    ("FF + attn linear + residual orthogonal", "ff+attn[linear]+res[orthogonal]"),
+)
 TASK_METHODS = ("vanilla", "ff+attn+res")
+# what the pretrained models' loss is, by the label a study gives them
+LOSS_DESCRIPTIONS = {
+    "MLM": "masked-token cross-entropy on fixed validation masks",
+    "CLM": "next-token cross-entropy on every validation token after a block's first",
+}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -140,27 +154,38 @@ def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str],
     save_plot(figure, axis, path)
 
 
-def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str]) -> Path:
-    """Write ``report/report.md``, the curve PNGs and ``report/pairs.json`` (raw per-pair results)."""
+def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str], language_model: str = "MLM") -> Path:
+    """Write ``report/report.md``, the curve PNGs and ``report/pairs.json`` (raw per-pair results).
+
+    ``language_model`` (``MLM`` or ``CLM``) names the pretrained models and their loss in the report."""
     report_dir = root / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     mlm = load_pair_results(root / "merge" / "mlm", seeds)
     task_pairs = {task: load_pair_results(root / "merge" / task, seeds) for task in tasks}
+    label = language_model
     sections = [
         f"# Merging study: seeds {', '.join(map(str, seeds))} ({len(mlm)} pairs)",
-        "Barriers are mean ± standard error over seed pairs; loss in nats (MLM: masked-token cross-entropy on fixed "
-        "validation masks). Metric drop: largest fall of the task metric below the line between the endpoints.",
-        method_table(mlm, ATTENTION_ROWS, "Table 1: attention variants (MLM)"),
-        method_table(mlm, RESIDUAL_ROWS, "Table 2: residual variants (MLM)"),
+        f"Barriers are mean ± standard error over seed pairs; loss in nats ({label}: {LOSS_DESCRIPTIONS[label]}). "
+        "Metric drop: largest fall of the task metric below the line between the endpoints.",
+        method_table(mlm, ATTENTION_ROWS, f"Table 1: attention variants ({label})"),
+        method_table(mlm, RESIDUAL_ROWS, f"Table 2: residual variants ({label})"),
     ]
+    orthogonal = any("res[orthogonal]" in r["barriers"] for r in mlm.values())
+    if orthogonal:
+        sections.append(method_table(mlm, ORTHOGONAL_ROWS, f"Table 3: orthogonal residual map, pre-LN ({label})"))
     if task_pairs:
         sections.append(task_table(task_pairs))
-    sections.append(all_methods_table(mlm, "Every method (MLM), beyond the paper's"))
+    sections.append(all_methods_table(mlm, f"Every method ({label}), beyond the paper's"))
     for task, pairs in task_pairs.items():
         sections.append(all_methods_table(pairs, f"Every method ({task})", primary_metric(pairs)))
-    plot_mean_curves(report_dir / "mlm_attention.png", mlm, [m for _, m in ATTENTION_ROWS], "MLM: attention variants")
-    plot_mean_curves(report_dir / "mlm_residual.png", mlm, [m for _, m in RESIDUAL_ROWS], "MLM: residual variants")
+    plot_mean_curves(report_dir / "mlm_attention.png", mlm, [m for _, m in ATTENTION_ROWS],
+                     f"{label}: attention variants")
+    plot_mean_curves(report_dir / "mlm_residual.png", mlm, [m for _, m in RESIDUAL_ROWS], f"{label}: residual variants")
     sections.append("![attention variants](mlm_attention.png)\n\n![residual variants](mlm_residual.png)")
+    if orthogonal:
+        plot_mean_curves(report_dir / "mlm_orthogonal.png", mlm, [m for _, m in ORTHOGONAL_ROWS],
+                         f"{label}: orthogonal residual map")
+        sections.append("![orthogonal residual map](mlm_orthogonal.png)")
     for task, pairs in task_pairs.items():
         plot_mean_curves(report_dir / f"{task}.png", pairs, TASK_METHODS, f"{task}: loss along λ")
         sections.append(f"![{task}]({task}.png)")

@@ -31,8 +31,9 @@ RESIDUAL_ROWS = (
 # Table 3 (pre-LN models only): the residual stream by one orthogonal map, folded LayerNorms (docs/methods.md)
 ORTHOGONAL_ROWS = (
     ("identity (vanilla)", "vanilla"),
+    ("folded LayerNorms, identity", "res[fold]"),
     ("residual permutation, all", "res[all]"),
-    ("residual orthogonal", "res[orthogonal]"),
+    ("residual orthogonal (folded)", "res[orthogonal]"),
     ("full: FF + attn + residual permutation", "ff+attn+res"),
     ("FF + attn + residual orthogonal", "ff+attn+res[orthogonal]"),
     ("FF + attn linear + residual orthogonal", "ff+attn[linear]+res[orthogonal]"),

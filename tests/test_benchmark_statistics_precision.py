@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import torch
-from conftest import load_benchmark
+from conftest import load_benchmark, tiny_config
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertForMaskedLM
 
 
 def test_saved_blocks_feed_the_comparison_of_float32_with_float64(tmp_path) -> None:
-    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16)
+    config = tiny_config()
     for seed in (0, 1):
         torch.manual_seed(seed)
         BertForMaskedLM(config).save_pretrained(tmp_path / f"m{seed}")
-    ids = torch.randint(5, 50, (24, 8), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(5, 40, (24, 8), generator=torch.Generator().manual_seed(0))
     blocks = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     save_file(blocks, str(tmp_path / "blocks.safetensors"))
     result = load_benchmark("statistics_precision").main([

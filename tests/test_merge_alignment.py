@@ -7,7 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel
+from conftest import tiny_config
+from transformers import BertForMaskedLM, BertForSequenceClassification, BertModel
 
 from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
 from lightning_merge.merge.alignment import (
@@ -27,21 +28,9 @@ TOLERANCE = 1e-10
 KINDS = [("ff",), ("attn",), ("res",), ("ff", "attn", "res")]
 
 
-def tiny_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=24,
-        num_labels=3,
-    )
-
-
 def batch() -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(3)
-    input_ids = torch.randint(0, 50, (3, 12), generator=generator)
+    input_ids = torch.randint(0, 40, (3, 12), generator=generator)
     attention_mask = torch.ones_like(input_ids)
     attention_mask[1, 7:] = 0
     attention_mask[2, 4:] = 0
@@ -100,7 +89,7 @@ def test_random_permutation_preserves_logits(model_class, kinds):
 
 @torch.no_grad()
 def test_untied_mlm_decoder_is_exact():
-    model = BertForMaskedLM(BertConfig(**{**tiny_config().to_dict(), "tie_word_embeddings": False})).double().eval()
+    model = BertForMaskedLM(tiny_config(tie_word_embeddings=False)).double().eval()
     perms = random_permutations(spec_for_model(model), torch.Generator().manual_seed(9))
     permuted = permuted_copy(model, perms)
     assert permuted.cls.predictions.decoder.weight is not permuted.bert.embeddings.word_embeddings.weight
@@ -175,11 +164,11 @@ def test_random_attention_perm_is_head_aware():
 def test_bad_permutations():
     spec = spec_for_model(BertModel(tiny_config()))
     with pytest.raises(UnknownNameError, match="no group 'ff.7'.*known: ff.0"):
-        check_alignments(spec, {"ff.7": Permutation(torch.arange(48))})
-    with pytest.raises(ConfigError, match="not a permutation of 48"):
-        check_alignments(spec, {"ff.0": Permutation(torch.arange(47))})
+        check_alignments(spec, {"ff.7": Permutation(torch.arange(24))})
+    with pytest.raises(ConfigError, match="not a permutation of 24"):
+        check_alignments(spec, {"ff.0": Permutation(torch.arange(23))})
     with pytest.raises(ConfigError, match="not a permutation"):
-        check_alignments(spec, {"res": Permutation(torch.zeros(32, dtype=torch.long))})
+        check_alignments(spec, {"res": Permutation(torch.zeros(16, dtype=torch.long))})
 
 
 @pytest.mark.parametrize("orthogonal", [True, False], ids=["orthogonal", "invertible"])
@@ -272,8 +261,8 @@ def test_alignments_save_and_load_every_kind(tmp_path):
 def test_an_earlier_permutations_file_still_loads(tmp_path):
     from safetensors.torch import save_file
 
-    perm = torch.randperm(48)
-    save_file({"ff/ff.0": perm, "permute/res": torch.arange(32)}, str(tmp_path / "permutations.safetensors"),
+    perm = torch.randperm(24)
+    save_file({"ff/ff.0": perm, "permute/res": torch.arange(16)}, str(tmp_path / "permutations.safetensors"),
               metadata={"methods": '["vanilla", "ff", "permute"]'})
     loaded = load_alignments(tmp_path / "permutations.safetensors")
     assert list(loaded) == ["vanilla", "ff", "permute"] and loaded["vanilla"] == {}

@@ -144,3 +144,34 @@ def test_fused_projection_parts_are_the_query_key_and_value_slices():
 
 def test_tiny_configs_differ_only_where_families_do():
     assert tiny_config("gpt2").n_inner == tiny_config("bert").intermediate_size == 24
+
+
+def test_a_new_family_is_one_record(monkeypatch):
+    """docs/architecture.md's worked example: ELECTRA's generator as one record, exact with no other code."""
+    from dataclasses import replace
+
+    from transformers import ElectraConfig, ElectraForMaskedLM
+
+    from lightning_merge.merge import families
+    from lightning_merge.merge.families import BASE, BERT, MASKED_LM, RESIDUAL, Decoder, Dense, Norm
+
+    electra = replace(
+        BERT, name="electra", model_type="electra", base="electra",
+        classes={BASE: "ElectraModel", MASKED_LM: "ElectraForMaskedLM"},
+        class_heads={"ElectraModel": (), "ElectraForMaskedLM": ("mlm",)},
+        heads={"mlm": (Dense("generator_predictions.dense", RESIDUAL, RESIDUAL),
+                       Norm("generator_predictions.LayerNorm"), Decoder("generator_lm_head"))},
+        lm_head=("generator_predictions", "generator_lm_head"),
+    )
+    monkeypatch.setitem(families.FAMILIES, "electra", electra)
+    monkeypatch.setitem(families.ARCHITECTURES, "ElectraForMaskedLM", electra)
+    config = ElectraConfig(vocab_size=40, embedding_size=16, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=24, max_position_embeddings=24)
+    model = ElectraForMaskedLM(config).double().eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    spec = spec_for_model(model)
+    permuted = aligned_copy(model, permutations(random_permutations(spec, torch.Generator().manual_seed(1))))
+    batch = tiny_batch("bert")
+    assert (permuted(**batch).logits - model(**batch).logits).abs().max().item() <= TOLERANCE

@@ -6,7 +6,8 @@ import weakref
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from conftest import tiny_config
+from transformers import BertForMaskedLM
 
 from lightning_merge.errors import ArchitectureMismatch
 from lightning_merge.merge.features import FeatureRecorder
@@ -15,15 +16,7 @@ from lightning_merge.merge.spec import spec_for_model
 
 @pytest.fixture
 def model() -> BertForMaskedLM:
-    config = BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    return BertForMaskedLM(config).eval()
+    return BertForMaskedLM(tiny_config()).eval()
 
 
 def inputs() -> dict[str, torch.Tensor]:
@@ -39,7 +32,7 @@ def test_features_of_real_tokens_at_every_point(model):
         out = model(**inputs(), output_hidden_states=True)
         features = recorder.pop(inputs()["attention_mask"])
     assert set(features) == set(spec.groups)
-    assert features["ff.1"]["bert.encoder.layer.1.output.dense:input"].shape == (9, 32)
+    assert features["ff.1"]["bert.encoder.layer.1.output.dense:input"].shape == (9, 24)
     assert features["attn.0"]["bert.encoder.layer.0.attention.output.dense:input"].shape == (9, 16)
     residual = list(features["res"].values())
     assert len(residual) == 5 and all(x.shape == (9, 16) for x in residual)
@@ -57,7 +50,7 @@ def test_special_tokens_excluded_and_groups_selected(model):
         model(**inputs())
         features = recorder.pop(inputs()["attention_mask"], special)
     assert list(features) == ["ff.0"]
-    assert next(iter(features["ff.0"].values())).shape == (7, 32)
+    assert next(iter(features["ff.0"].values())).shape == (7, 24)
 
 
 @torch.no_grad()
@@ -94,11 +87,7 @@ def test_collect_statistics_masks(model):
 
 def _other_model() -> BertForMaskedLM:
     torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    return BertForMaskedLM(config).eval()
+    return BertForMaskedLM(tiny_config()).eval()
 
 
 @torch.no_grad()

@@ -105,3 +105,12 @@ def test_procrustes_fixing_ones_recovers_a_planted_map():
     features_a = features_b @ planted.T
     found = procrustes_fixing_ones(features_a.T @ features_b / 500)
     assert (found - planted).abs().max() < 1e-10
+
+
+def test_learned_cannot_start_from_an_orthogonal_residual_map():
+    from lightning_merge.merge.methods import get_method
+
+    with pytest.raises(ConfigError, match="cannot start from; use res or res\\[all\\]"):
+        get_method("learned[init=ff+attn+res[orthogonal]]")
+    with pytest.raises(ConfigError, match="bert is post-LayerNorm"):
+        get_method("res[fold]").check_spec(spec_for_model(tiny_model("bert", "masked_lm")))

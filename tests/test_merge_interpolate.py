@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM
+from conftest import tiny_config
+from transformers import BertForMaskedLM
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError
 from lightning_merge.merge.interpolate import (
@@ -19,15 +20,7 @@ from lightning_merge.merge.interpolate import (
 
 def tiny_mlm(seed: int) -> BertForMaskedLM:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=30,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=16,
-    )
-    return BertForMaskedLM(config).eval()
+    return BertForMaskedLM(tiny_config()).eval()
 
 
 def test_endpoints_exact_and_midpoint_average():

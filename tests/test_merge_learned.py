@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config as family_config
 from torch.func import functional_call
-from transformers import BertConfig, BertForMaskedLM
+from transformers import BertForMaskedLM, PretrainedConfig
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import HeadLinear, Permutation, apply_alignments, permutations
@@ -21,10 +22,9 @@ from lightning_merge.objectives import MaskedLMObjective
 VOCAB = 40
 
 
-def tiny_config() -> BertConfig:
-    return BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                      intermediate_size=48, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                      attention_probs_dropout_prob=0.0)
+def tiny_config() -> PretrainedConfig:
+    return family_config("bert", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)
 
 
 def token_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_config as family_config
 from torch.func import functional_call
-from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from transformers import BertForMaskedLM, BertForSequenceClassification, PretrainedConfig
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, UnknownNameError
 from lightning_merge.merge.activation_matching import PAPER, ActivationMatching
@@ -81,15 +82,8 @@ def test_bad_names_and_options_name_the_problem(name, error, message):
     assert "attn[head_perm|monotonic|ignore_heads|linear]" in known_names()
 
 
-def tiny_config() -> BertConfig:
-    return BertConfig(
-        vocab_size=40,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=48,
-        max_position_embeddings=32,
-    )
+def tiny_config() -> PretrainedConfig:
+    return family_config("bert", hidden_size=32, intermediate_size=48)  # head_dim 8: within-head orders to recover
 
 
 def batches(count: int = 6, seed: int = 0) -> list[dict[str, torch.Tensor]]:

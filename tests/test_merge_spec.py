@@ -6,25 +6,13 @@ import dataclasses
 
 import pytest
 import torch
-from transformers import BertConfig, BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
+from conftest import tiny_config
+from transformers import BertForMaskedLM, BertForPreTraining, BertForSequenceClassification, BertModel
 
 from lightning_merge.errors import ArchitectureMismatch, UnsupportedModel
 from lightning_merge.merge.spec import ARCHITECTURES, Axis, spec_for_model, spec_for_pair, spec_from_config
 
 CLASSES = (BertModel, BertForMaskedLM, BertForSequenceClassification)
-
-
-def tiny_config(**overrides) -> BertConfig:
-    kwargs = dict(
-        vocab_size=40,
-        hidden_size=24,
-        num_hidden_layers=3,
-        num_attention_heads=3,
-        intermediate_size=40,
-        max_position_embeddings=16,
-        num_labels=3,
-    )
-    return BertConfig(**{**kwargs, **overrides})
 
 
 @pytest.mark.parametrize("model_class", CLASSES)
@@ -33,26 +21,26 @@ def test_spec_covers_every_floating_weight(model_class):
     spec = spec_for_model(model)
     floating = {name for name, t in model.state_dict().items() if torch.is_floating_point(t)}
     assert floating <= set(spec.axes)
-    assert set(spec.groups) == {"ff.0", "ff.1", "ff.2", "attn.0", "attn.1", "attn.2", "res"}
-    assert spec.groups["attn.1"].num_heads == 3 and spec.groups["attn.1"].head_dim == 8
-    assert spec.groups["ff.2"].size == 40 and spec.groups["res"].size == 24
+    assert set(spec.groups) == {"ff.0", "ff.1", "attn.0", "attn.1", "res"}
+    assert spec.groups["attn.1"].num_heads == 4 and spec.groups["attn.1"].head_dim == 4
+    assert spec.groups["ff.1"].size == 24 and spec.groups["res"].size == 16
 
 
 @pytest.mark.parametrize("model_class", CLASSES)
 def test_feature_points_name_real_modules(model_class):
     model = model_class(tiny_config())
     spec = spec_for_model(model)
-    assert len(spec.points["res"]) == 2 * 3 + 1
+    assert len(spec.points["res"]) == 2 * 2 + 1
     for features, points in spec.points.items():
         for point in points:
             model.get_submodule(point.module)  # raises if the name is wrong
             assert point.source == ("output" if features == "res" or "/" in features else "input")
-    projections = {f"attn.{i}/{p}" for i in range(3) for p in ("query", "key", "value")}
+    projections = {f"attn.{i}/{p}" for i in range(2) for p in ("query", "key", "value")}
     assert {f for f in spec.points if "/" in f} == projections
     prefix = "" if model_class is BertModel else "bert."
     assert spec.points["attn.1/key"][0].module == f"{prefix}encoder.layer.1.attention.self.key"
     assert spec.points["ff.0"][0].module == f"{prefix}encoder.layer.0.output.dense"
-    assert spec.points["attn.2"][0].module == f"{prefix}encoder.layer.2.attention.output.dense"
+    assert spec.points["attn.1"][0].module == f"{prefix}encoder.layer.1.attention.output.dense"
     assert spec.points["res"][0].module == f"{prefix}embeddings.LayerNorm"
 
 
@@ -122,9 +110,9 @@ def test_unsupported_config():
 
 def test_pair_mismatch_names_first_differing_field():
     base = BertForMaskedLM(tiny_config())
-    with pytest.raises(ArchitectureMismatch, match="num_hidden_layers: 3 vs 2"):
-        spec_for_pair(base, BertForMaskedLM(tiny_config(num_hidden_layers=2, intermediate_size=48)))
-    with pytest.raises(ArchitectureMismatch, match="intermediate_size: 40 vs 48"):
+    with pytest.raises(ArchitectureMismatch, match="num_hidden_layers: 2 vs 3"):
+        spec_for_pair(base, BertForMaskedLM(tiny_config(num_hidden_layers=3, intermediate_size=48)))
+    with pytest.raises(ArchitectureMismatch, match="intermediate_size: 24 vs 48"):
         spec_for_pair(base, BertForMaskedLM(tiny_config(intermediate_size=48)))
     with pytest.raises(ArchitectureMismatch, match="architecture: 'BertForMaskedLM' vs 'BertForSequenceClass"):
         spec_for_pair(base, BertForSequenceClassification(tiny_config()))
@@ -137,8 +125,8 @@ def test_state_dict_checks():
     state = dict(model.state_dict())
     with pytest.raises(UnsupportedModel, match="extra.weight is not described"):
         spec.check_state_dict({**state, "extra.weight": torch.zeros(2)})
-    state["bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(41, 24)
-    with pytest.raises(ArchitectureMismatch, match="intermediate.dense.weight axis 0 has size 41, group ff.0 has 40"):
+    state["bert.encoder.layer.0.intermediate.dense.weight"] = torch.zeros(25, 16)
+    with pytest.raises(ArchitectureMismatch, match="intermediate.dense.weight axis 0 has size 25, group ff.0 has 24"):
         spec.check_state_dict(state)
     del state["bert.encoder.layer.0.intermediate.dense.weight"]
     with pytest.raises(ArchitectureMismatch, match="lacks bert.encoder.layer.0.intermediate.dense.weight"):

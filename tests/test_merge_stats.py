@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import BertConfig
+from conftest import tiny_config
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError
 from lightning_merge.merge import stats as stats_module
@@ -143,15 +143,7 @@ def test_averaged_covariance_over_points():
 
 
 def tiny_spec(layers: int = 2):
-    config = BertConfig(
-        vocab_size=20,
-        hidden_size=8,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=12,
-        max_position_embeddings=8,
-    )
-    return spec_from_config(config, "BertModel")
+    return spec_from_config(tiny_config(num_hidden_layers=layers), "BertModel")
 
 
 def features_for(spec, n: int, seed: int) -> dict:
@@ -170,8 +162,8 @@ def test_merge_statistics_memory_is_independent_of_tokens():
         stats.update_from_features(features_for(spec, 1000, seed), features_for(spec, 1000, seed + 10))
     assert stats.nbytes() == size
     assert stats.token_count == 5000
-    assert stats.correlation("res").shape == (8, 8)
-    assert stats.correlation("res", slice(0, 1)).shape == (8, 8)
+    assert stats.correlation("res").shape == (16, 16)
+    assert stats.correlation("res", slice(0, 1)).shape == (16, 16)
 
 
 def test_state_tensors_simulated_all_reduce():

@@ -5,26 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import family_tasks, tiny_batch, tiny_model
-from transformers import BertConfig, BertForMaskedLM
+from conftest import family_tasks, tiny_batch, tiny_config, tiny_model
+from transformers import BertForMaskedLM
 
 from lightning_merge.merge.families import FAMILIES, model_inputs
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
-
-
-def config(**overrides) -> BertConfig:
-    return BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=32, max_position_embeddings=16, **overrides)
-
-
-def batch(labels: torch.Tensor) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(5, 40, (3, 10), generator=generator)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0
-    return dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids),
-                labels=labels)
-
 
 MLM_FAMILIES = [name for name, task in family_tasks() if task == "masked_lm"]
 CLASSIFIER_FAMILIES = [name for name, task in family_tasks() if task == "sequence_classification"]
@@ -70,8 +55,7 @@ def test_classification_and_regression_losses_equal_hf_losses(family) -> None:
 
 def test_masked_lm_objective_reads_position_ids():
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                       intermediate_size=32, max_position_embeddings=64)).eval()
+    model = BertForMaskedLM(tiny_config(num_hidden_layers=1, max_position_embeddings=64)).eval()
     ids = torch.randint(5, 40, (2, 8))
     labels = torch.where(torch.rand(2, 8) < 0.5, ids, torch.full_like(ids, -100))
     labels[0, 0] = ids[0, 0]

@@ -8,8 +8,9 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import tiny_config as family_config
 from torch.utils.data import DataLoader
-from transformers import AutoModelForMaskedLM, BertConfig, BertForMaskedLM
+from transformers import AutoModelForMaskedLM, BertForMaskedLM, PretrainedConfig
 
 from lightning_merge.errors import (
     ArchitectureMismatch,
@@ -80,10 +81,8 @@ def fit_briefly(model: BertForMaskedLM, data: RandomTokens, steps: int = 60) -> 
     return model
 
 
-def tiny_config(**overrides) -> BertConfig:
-    kwargs = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-                  max_position_embeddings=32)
-    return BertConfig(**{**kwargs, **overrides})
+def tiny_config(**overrides) -> PretrainedConfig:
+    return family_config("bert", vocab_size=VOCAB, num_attention_heads=2, **overrides)  # 2 heads of 8
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,22 @@
 """The merge math: spec, feature statistics, matching, alignments, methods, interpolation (plain PyTorch + scipy).
 
-No Lightning import here: everything is usable from Python on any two HF BERT models.
+No Lightning import here: everything is usable from Python on any two HF models of a registered family (BERT,
+RoBERTa, DistilBERT, RoBERTa-PreLayerNorm, GPT-2; `lightning_merge.merge.families`).
 """
 
 from lightning_merge.merge.alignment import (
     Alignment,
     HeadLinear,
+    Orthogonal,
     Permutation,
     apply_alignments,
     load_alignments,
     permutations,
     save_alignments,
 )
+from lightning_merge.merge.families import FAMILIES, Family
 from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
+from lightning_merge.merge.fold import fold_layer_norms
 from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_grid, load_state_dict_tied, loss_barrier
 from lightning_merge.merge.method import FitInputs, MergeMethod
 from lightning_merge.merge.methods import METHODS, fit_methods, get_method
@@ -21,14 +25,17 @@ from lightning_merge.merge.spec import Axis, PermutationSpec, spec_for_model, sp
 from lightning_merge.merge.stats import MergeStatistics, PairStatistics
 
 __all__ = [
+    "FAMILIES",
     "METHODS",
     "Alignment",
     "Axis",
+    "Family",
     "FeatureRecorder",
     "FitInputs",
     "HeadLinear",
     "MergeMethod",
     "MergeStatistics",
+    "Orthogonal",
     "PairStatistics",
     "PairStatisticsRecorder",
     "Permutation",
@@ -36,6 +43,7 @@ __all__ = [
     "apply_alignments",
     "collect_statistics",
     "fit_methods",
+    "fold_layer_norms",
     "get_method",
     "interpolate_state_dicts",
     "invert_permutation",

@@ -58,6 +58,7 @@ class GroupAligner:
     summary: str
     reference: str = PAPER
     check_spec: Callable[[PermutationSpec], None] = lambda spec: None  # noqa: E731 - raises if it cannot align spec
+    learnable: bool = True  # whether `learned` can start from its alignment (permutations and per-head maps)
 
 
 def _own_features(group: PermGroup) -> list[str]:
@@ -107,6 +108,12 @@ def _fit_residual_orthogonal(statistics: MergeStatistics, group: PermGroup) -> A
     return Orthogonal(procrustes_fixing_ones(cross))
 
 
+def _fit_residual_folded_identity(statistics: MergeStatistics, group: PermGroup) -> Alignment:
+    """No map of the stream, but the folded endpoints of `res[orthogonal]`: the baseline it is measured against."""
+    _check_orthogonal_residual(statistics.spec)
+    return Orthogonal(torch.eye(group.size, dtype=torch.float64))
+
+
 def _residual_aligner(points: slice) -> Callable:
     def fit(statistics: MergeStatistics, group: PermGroup) -> Alignment:
         return Permutation(match_features(statistics.correlation(group.name, points), overwrite=True))
@@ -136,7 +143,11 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
         "orthogonal": GroupAligner(_fit_residual_orthogonal, _own_features, True,
                                    "one orthogonal map of the stream fixing the all-ones direction (Procrustes on "
                                    "every residual point); pre-LN models, LayerNorm gains folded into their readers",
-                                   ORTHOGONAL_RESIDUAL, _check_orthogonal_residual),
+                                   ORTHOGONAL_RESIDUAL, _check_orthogonal_residual, learnable=False),
+        "fold": GroupAligner(_fit_residual_folded_identity, lambda group: [], True,
+                             "LayerNorm gains folded into their readers, the stream left as it is: res[orthogonal]'s "
+                             "baseline (vanilla on the folded parametrisation)", ORTHOGONAL_RESIDUAL,
+                             _check_orthogonal_residual, learnable=False),
     },
 }
 
@@ -173,6 +184,10 @@ class ActivationMatching(MergeMethod):
     @property
     def function_preserving(self) -> bool:
         return all(self._aligner(kind).function_preserving for kind in self.variants)
+
+    @property
+    def learnable_start(self) -> bool:
+        return all(self._aligner(kind).learnable for kind in self.variants)
 
     @property
     def kinds(self) -> tuple[str, ...]:

@@ -219,6 +219,9 @@ class Learned(MergeMethod):
         self.init = get_method(opts.init or self.ATTENTION_MODES[opts.attn])
         if isinstance(self.init, Learned) or not self.init.function_preserving:
             raise ConfigError(f"method {name!r}: init={opts.init!r} must be a function-preserving, non-learned method")
+        if not self.init.learnable_start:
+            raise ConfigError(f"method {name!r}: init={opts.init!r} fits an orthogonal residual map, which a learned "
+                              "alignment (permutations and per-head maps) cannot start from; use res or res[all]")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -230,6 +233,9 @@ class Learned(MergeMethod):
 
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
         return self.init.statistics_features(spec)
+
+    def check_spec(self, spec: PermutationSpec) -> None:
+        self.init.check_spec(spec)
 
     def describe(self) -> dict[str, Any]:
         described = super().describe()

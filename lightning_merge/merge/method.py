@@ -173,6 +173,11 @@ class MergeMethod(ABC):
         """The feature sets (names in ``spec.points``) whose statistics ``fit`` reads; empty without `STATISTICS`."""
         return []
 
+    @property
+    def learnable_start(self) -> bool:
+        """Whether a learned method can start from its alignments (permutations, per-head maps)."""
+        return True
+
     def check_spec(self, spec: PermutationSpec) -> None:
         """Raise `ConfigError` if the method cannot align models of ``spec`` (checked before any compute)."""
 

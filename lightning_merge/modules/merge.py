@@ -149,7 +149,7 @@ class InterpolationModule(PairModule):
         self.curve_sums: CurveSums | None = None
         self.task_metrics = nn.ModuleList()
         self.results: dict | None = None
-        self._folded_states: tuple[tuple, tuple] | None = None
+        self._folded_states: tuple[torch.device, tuple[tuple, tuple]] | None = None
 
     def set_methods(
         self,
@@ -189,10 +189,13 @@ class InterpolationModule(PairModule):
         return self._folded()[0][2] if needs_folded_norms(self.methods[method]) else []
 
     def _folded(self) -> tuple[tuple, tuple]:
-        if self._folded_states is None:
-            self._folded_states = tuple(fold_layer_norms(model.state_dict(), self.spec)
-                                        for model in (self.model_a, self.model_b))
-        return self._folded_states
+        """Both models folded, cached per device (Lightning moves the module between the statistics pass, the CPU
+        and the test loop)."""
+        device = next(self.model_a.parameters()).device
+        if self._folded_states is None or self._folded_states[0] != device:
+            folded = tuple(fold_layer_norms(model.state_dict(), self.spec) for model in (self.model_a, self.model_b))
+            self._folded_states = (device, folded)
+        return self._folded_states[1]
 
     def interpolated(
         self, method: str, lam: float, endpoints: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None

@@ -23,8 +23,8 @@ VOCAB = 40
 
 
 def tiny_config() -> PretrainedConfig:
-    return family_config("bert", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, hidden_dropout_prob=0.0,
-                         attention_probs_dropout_prob=0.0)
+    return family_config("bert", vocab_size=VOCAB, hidden_size=32, intermediate_size=48, max_position_embeddings=32,
+                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def token_batch(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -82,7 +82,7 @@ def fit_briefly(model: BertForMaskedLM, data: RandomTokens, steps: int = 60) -> 
 
 
 def tiny_config(**overrides) -> PretrainedConfig:
-    return family_config("bert", vocab_size=VOCAB, num_attention_heads=2, **overrides)  # 2 heads of 8
+    return family_config("bert", **{"vocab_size": VOCAB, "num_attention_heads": 2, **overrides})  # 2 heads of 8
 
 
 @pytest.fixture(scope="module")

@@ -181,3 +181,28 @@ def test_minilm_encoder_and_pooler_load_into_a_classifier():
         assert torch.equal(
             model.bert.encoder.layer[5].output.dense.weight, weights.get_tensor("encoder.layer.5.output.dense.weight")
         )
+
+
+@pytest.mark.parametrize("family", ["roberta", "distilbert", "roberta-prelayernorm", "gpt2"])
+def test_fine_tuning_starts_from_a_pretrained_model_of_every_family(family, tmp_path, cpu_trainer_kwargs):
+    """The classifier class comes from the checkpoint's family (a GPT-2 causal LM becomes a
+    ``GPT2ForSequenceClassification``); its pair inputs lose the token types the family does not take."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    from lightning_merge.merge.families import CAUSAL_LM, get_family
+
+    texts = [" ".join(WORDS.split()[i:] + WORDS.split()[:i]) for i in range(20)]
+    tokenizer = train_wordpiece(texts, vocab_size=150, min_frequency=1)
+    config = build_config("tiny", len(tokenizer), max_position_embeddings=128, family=family, hidden_size=32,
+                          intermediate_size=64, pad_token_id=tokenizer.pad_token_id)
+    lm_class = AutoModelForCausalLM if CAUSAL_LM in get_family(family).classes else AutoModelForMaskedLM
+    lm_class.from_config(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    module = GLUEModule(init_from=str(tmp_path / "hf"), lr=1e-3, warmup_ratio=0.0)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, num_sanity_val_steps=0, **cpu_trainer_kwargs)
+    trainer.fit(module, datamodule=_data(tmp_path, "mrpc"))
+    assert type(module.model).__name__ == get_family(family).classes["sequence_classification"]
+    assert {"train/loss", "val/loss", "val/accuracy"} <= set(trainer.callback_metrics)
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    again = load_pretrained(tmp_path / "x.ckpt", AutoModelForSequenceClassification)
+    assert type(again) is type(module.model)

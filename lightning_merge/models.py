@@ -11,6 +11,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
 from lightning_merge.merge.families import get_family
+from lightning_merge.merge.permute import random_orthogonal
 
 # name -> config kwargs (litgpt's name_to_config), in BERT's field names; `build_config` renames the FF width for
 # families that call it otherwise. "base" is BERT-base; the others fit 2 CPU cores.
@@ -50,9 +51,7 @@ def sinusoidal_positions(num_positions: int, width: int, amplitude: float) -> to
     frequencies = torch.exp(torch.arange(0, width, 2, dtype=torch.float64) * (-math.log(10000.0) / width))
     table = torch.zeros(num_positions, width, dtype=torch.float64)
     table[:, 0::2], table[:, 1::2] = torch.sin(positions * frequencies), torch.cos(positions * frequencies)
-    q, r = torch.linalg.qr(torch.randn(width, width, dtype=torch.float64))
-    basis = q * torch.sign(torch.diagonal(r))  # Haar-distributed orthogonal matrix
-    return (amplitude * table @ basis).float()
+    return (amplitude * table @ random_orthogonal(width)).float()
 
 
 def _looks_like_path(source: str) -> bool:

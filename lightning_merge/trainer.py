@@ -330,14 +330,15 @@ def _say(line: str) -> None:
 
 def _report_folding(model: InterpolationModule) -> dict[str, list[str]]:
     """Say which methods evaluate folded endpoints and what they untie: nothing is approximated silently."""
-    untied = {method: model.untied(method) for method in model.methods if model.untied(method)}
-    folded = [method for method, alignments in model.methods.items() if needs_folded_norms(alignments)]
-    for method in folded:
-        ties = model.spec.ties
-        detail = "; ".join(f"{name} untied from {ties[name]}" for name in untied.get(method, []))
+    untied = {}
+    for method, alignments in model.methods.items():
+        if not needs_folded_norms(alignments):
+            continue
+        untied[method] = model.untied(method)
+        detail = "; ".join(f"{name} untied from {model.spec.ties[name]}" for name in untied[method])
         _say(f"{method}: LayerNorm gains folded into the layers that read them in both endpoints (same functions)"
              + (f"; {detail} in both" if detail else ""))
-    return untied
+    return {method: names for method, names in untied.items() if names}
 
 
 BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "function_preserving")

@@ -40,6 +40,7 @@ class Alignment(ABC):
     """An invertible map of one group's features of model B into model A's basis."""
 
     kind: ClassVar[str]
+    needs_folded_norms: ClassVar[bool] = False  # exact only on folded LayerNorms (`lightning_merge.merge.fold`)
 
     @abstractmethod
     def apply(self, tensor: torch.Tensor, index: int, axis: Axis) -> torch.Tensor:
@@ -187,7 +188,7 @@ ALIGNMENT_KINDS: dict[str, type[Alignment]] = {kind.kind: kind for kind in (Perm
 
 def needs_folded_norms(alignments: Mapping[str, Alignment]) -> bool:
     """Whether applying ``alignments`` needs the LayerNorm gains folded into their readers first."""
-    return any(getattr(alignment, "needs_folded_norms", False) for alignment in alignments.values())
+    return any(alignment.needs_folded_norms for alignment in alignments.values())
 
 
 def _per_head_map(tensor: torch.Tensor, index: int, matrix: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,11 @@ from lightning_merge.merge.families import RESIDUAL
 from lightning_merge.merge.spec import Axis, PermutationSpec
 
 
+def untied_by_folding(spec: PermutationSpec) -> list[str]:
+    """The tied weights `fold_layer_norms` unties: the LayerNorm readers that are tie aliases."""
+    return [reader for readers in spec.norm_readers.values() for reader in readers if reader in spec.ties]
+
+
 def fold_layer_norms(
     state_dict: Mapping[str, torch.Tensor], spec: PermutationSpec
 ) -> tuple[dict[str, torch.Tensor], PermutationSpec, list[str]]:
@@ -38,17 +43,16 @@ def fold_layer_norms(
     if spec.norms_folded:
         return dict(state_dict), spec, []
     state = spec.split(state_dict)
-    axes, ties, untied = dict(spec.axes), dict(spec.ties), []
+    axes, ties, untied = dict(spec.axes), dict(spec.ties), untied_by_folding(spec)
     for norm, readers in spec.norm_readers.items():
         gain, bias = state[f"{norm}.weight"], state[f"{norm}.bias"]
         if (gain == 0).any():
             raise ConfigError(f"{norm} has a gain of exactly 0, which cannot be folded into the layers reading it")
         for reader in readers:
             state[reader] = _scale_residual_axis(state[reader], spec.axes[reader], gain)
-            if reader in ties:
+            if reader in untied:
                 del ties[reader]
                 axes[reader] = tuple(Axis(RESIDUAL, "in") if a is not None else None for a in axes[reader])
-                untied.append(reader)
         state[f"{norm}.weight"], state[f"{norm}.bias"] = torch.ones_like(gain), bias / gain
         axes[f"{norm}.weight"], axes[f"{norm}.bias"] = (None,), (Axis(RESIDUAL, "out"),)
     folded = dataclasses.replace(spec, axes=axes, ties=ties, norms_folded=True)

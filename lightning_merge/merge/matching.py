@@ -92,13 +92,19 @@ def ones_complement_basis(size: int, dtype: torch.dtype = torch.float64) -> torc
     return torch.linalg.qr(with_ones).Q[:, 1:]
 
 
+def fixing_ones(inner: torch.Tensor) -> torch.Tensor:
+    """The (d, d) map that is ``inner`` (d − 1, d − 1) on the complement of the all-ones direction (in the basis of
+    `ones_complement_basis`) and the identity along it; orthogonal when ``inner`` is."""
+    size = inner.shape[0] + 1
+    basis = ones_complement_basis(size).to(inner.device)
+    return torch.full((size, size), 1.0 / size, dtype=torch.float64, device=inner.device) + basis @ inner @ basis.T
+
+
 def procrustes_fixing_ones(cross: torch.Tensor) -> torch.Tensor:
     """The orthogonal T with T 1 = 1 that maximises tr(Tᵀ cross), ``cross`` = E[x_a x_bᵀ] (d, d): Procrustes on the
     complement of the all-ones direction, identity along it (what LayerNorm's centring needs to commute)."""
-    size = cross.shape[0]
-    basis = ones_complement_basis(size).to(cross.device)
-    inner = orthogonal_procrustes(basis.T @ cross.double() @ basis)
-    return torch.full((size, size), 1.0 / size, dtype=torch.float64, device=cross.device) + basis @ inner @ basis.T
+    basis = ones_complement_basis(cross.shape[0]).to(cross.device)
+    return fixing_ones(orthogonal_procrustes(basis.T @ cross.double() @ basis))
 
 
 def head_procrustes(cross: torch.Tensor, head_of_a: torch.Tensor, num_heads: int) -> torch.Tensor:

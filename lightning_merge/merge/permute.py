@@ -35,11 +35,14 @@ def random_permutations(
     return {name: random_group_permutation(spec.groups[name], generator) for name in spec.groups_of_kind(kinds)}
 
 
+def random_orthogonal(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Haar-distributed orthogonal (size, size) float64 matrix (from torch's global RNG without ``generator``)."""
+    q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
 def random_orthogonal_fixing_ones(size: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A random (Haar on the complement) orthogonal (size, size) float64 matrix with ``matrix @ 1 = 1``."""
-    from lightning_merge.merge.matching import ones_complement_basis
+    from lightning_merge.merge.matching import fixing_ones
 
-    q, r = torch.linalg.qr(torch.randn(size - 1, size - 1, generator=generator, dtype=torch.float64))
-    inner = q * torch.sign(torch.diagonal(r))
-    basis = ones_complement_basis(size)
-    return torch.full((size, size), 1.0 / size, dtype=torch.float64) + basis @ inner @ basis.T
+    return fixing_ones(random_orthogonal(size - 1, generator))

@@ -28,7 +28,7 @@ from transformers import (
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, UnknownNameError
 from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments, needs_folded_norms
 from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, model_inputs
-from lightning_merge.merge.fold import fold_layer_norms
+from lightning_merge.merge.fold import fold_layer_norms, untied_by_folding
 from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
 from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
 from lightning_merge.models import load_pretrained
@@ -186,7 +186,7 @@ class InterpolationModule(PairModule):
 
     def untied(self, method: str) -> list[str]:
         """The weights ``method``'s endpoints untie from their tie source (see `endpoints`)."""
-        return self._folded()[0][2] if needs_folded_norms(self.methods[method]) else []
+        return untied_by_folding(self.spec) if needs_folded_norms(self.methods[method]) else []
 
     def _folded(self) -> tuple[tuple, tuple]:
         """Both models folded, cached per device (Lightning moves the module between the statistics pass, the CPU

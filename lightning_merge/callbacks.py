@@ -14,8 +14,8 @@ from torch import Tensor
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
-from lightning_merge.merge.features import PairStatisticsRecorder
-from lightning_merge.merge.stats import STATISTICS_DTYPE, MergeStatistics, product_dtype
+from lightning_merge.merge.features import StatisticsRecorder
+from lightning_merge.merge.stats import STATISTICS_DTYPE, JointStatistics, MergeStatistics, product_dtype
 
 
 class HFExport(pl.Callback):
@@ -43,10 +43,11 @@ class HFExport(pl.Callback):
 class MergeCallback(pl.Callback):
     """Gather the activation statistics a merge's methods need during a `PairModule`'s validation pass.
 
-    At validation start it hooks the feature points of both models; during each batch's forward passes it adds
-    every point's token features to float64 sums (`PairStatisticsRecorder`); at validation end it removes the hooks
-    and all-reduces the sums across ranks, so every rank holds the statistics of all tokens. Fitting the methods'
-    alignments from them is the trainer's next step.
+    At validation start it hooks the feature points of every model; during each batch's forward passes it adds
+    every point's token features to every pair's float64 sums (`StatisticsRecorder`): ``statistics`` is then the
+    `MergeStatistics` of A and B, or with N > 2 models the `JointStatistics` of every pair; at validation end it
+    removes the hooks and all-reduces the sums across ranks, so every rank holds the statistics of all tokens.
+    Fitting the methods' alignments from them is the trainer's next step.
 
     Args:
         features: the feature sets to record (names in the spec's ``points``: what the methods declare they read).
@@ -64,16 +65,21 @@ class MergeCallback(pl.Callback):
         self.statistics_dtype = statistics_dtype
         product_dtype(statistics_dtype)  # an unknown name fails here, before the pass
         self.special_token_ids = list(special_token_ids) if special_token_ids else None
-        self.statistics: MergeStatistics | None = None
-        self._recorder: PairStatisticsRecorder | None = None
+        self.statistics: MergeStatistics | JointStatistics | None = None
+        self._recorder: StatisticsRecorder | None = None
+        self._joint: JointStatistics | None = None
         self._special_ids: Tensor | None = None
         self.timings: dict[str, float] = {}
         self._start = 0.0
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
-        self.statistics = MergeStatistics(pl_module.spec, self.features, pl_module.device, self.statistics_dtype)
-        self._recorder = PairStatisticsRecorder(pl_module.model_a, pl_module.model_b, self.statistics)
+        models = pl_module.all_models
+        self._joint = JointStatistics(pl_module.spec, len(models), self.features, pl_module.device,
+                                      self.statistics_dtype)
+        # a pair merge's methods read one pair's statistics; a merge of N > 2 models reads every pair's
+        self.statistics = self._joint.pair(0, 1) if len(models) == 2 else self._joint
+        self._recorder = StatisticsRecorder(models, self._joint)
         self._recorder.register()
         if self.special_token_ids:
             self._special_ids = torch.tensor(self.special_token_ids, device=pl_module.device)
@@ -100,8 +106,8 @@ class MergeCallback(pl.Callback):
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
-        _sum_across_ranks(trainer.strategy, self.statistics.state_tensors().values())
-        if self.statistics.points and self.statistics.token_count == 0:
+        _sum_across_ranks(trainer.strategy, self._joint.state_tensors().values())
+        if self._joint.point_keys and self._joint.token_count == 0:
             raise DataError("the statistics pass saw no tokens; give the datamodule some validation text")
         self.timings = {"statistics_s": time.perf_counter() - self._start}
 

@@ -92,3 +92,79 @@ def write_report(
         present = {key for figures in barriers.values() for key in figures}
         columns = [c for c in columns if c in present]
     return barrier_table(barriers, columns)
+
+
+def write_joint_report(run_dir: Path, results: Mapping[str, Any]) -> str:
+    """An N-model merge's outputs: curves.csv (one row per method, pair and λ), barriers.json (per pair, the N-way
+    average against the mean endpoint, cycle-consistency errors), barrier.png (each method's curve averaged over
+    pairs), simplex.png for N = 3; returns the markdown summary table."""
+    lambdas, curves = results["lambdas"], results["curves"]
+    flat = {f"{method} {pair}": curve for method, per_pair in curves.items() for pair, curve in per_pair.items()}
+    atomic_write_text(run_dir / "curves.csv", curves_csv(lambdas, flat).replace("method,", "method pair,", 1))
+    summary = joint_summary(results)
+    figures = {"summary": summary, "barriers": results["barriers"], "average": results["average"],
+               "cycle_consistency_error": results.get("cycle_consistency_error", {})}
+    atomic_write_text(run_dir / "barriers.json", json.dumps(figures, indent=2) + "\n")
+    mean_curves = {method: {"loss": [sum(c["loss"][i] for c in per_pair.values()) / len(per_pair)
+                                     for i in range(len(lambdas))]} for method, per_pair in curves.items()}
+    plot_curves(run_dir / "barrier.png", lambdas, mean_curves)
+    if results.get("simplex"):
+        plot_simplex(run_dir / "simplex.png", results["simplex"])
+    return barrier_table(summary)
+
+
+def joint_summary(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method: barrier mean ± s.e. over pairs, each pair's barrier, the N-way average's loss against the mean
+    endpoint loss, the cycle-consistency error of its pairwise alignments, and whether it keeps every model."""
+    from lightning_merge.merge.joint_curves import summarise
+
+    out = {}
+    for method, per_pair in results["barriers"].items():
+        mean, error = summarise(per_pair)
+        average = results["average"][method]
+        row: dict[str, Any] = {"barrier_mean": mean, "barrier_se": error}
+        row.update({f"barrier_{pair}": figures["barrier"] for pair, figures in per_pair.items()})
+        row.update({"average_loss": average["loss"], "mean_endpoint_loss": average["mean_endpoint_loss"],
+                    "average_loss_increase": average["loss_increase"]})
+        cycle = results.get("cycle_consistency_error", {}).get(method)
+        if cycle is not None:
+            row["cycle_consistency_error"] = cycle
+        if "function_preserving" in average:
+            row["function_preserving"] = average["function_preserving"]
+        out[method] = row
+    return out
+
+
+def plot_simplex(path: Path, simplex: Mapping[str, Mapping[str, Sequence]]) -> Path:
+    """One barycentric heatmap of the loss per method over the triangle of three models, on one colour scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.tri as mtri
+
+    methods = list(simplex)
+    columns = min(3, len(methods))
+    rows = -(-len(methods) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.3 * rows), squeeze=False)
+    low = min(min(grid["loss"]) for grid in simplex.values())
+    high = max(max(grid["loss"]) for grid in simplex.values())
+    corners = [(0.0, 0.0), (1.0, 0.0), (0.5, 3**0.5 / 2)]
+    image = None
+    for axis, method in zip(axes.flat, methods):
+        weights, losses = simplex[method]["weights"], simplex[method]["loss"]
+        xs = [sum(w * c[0] for w, c in zip(point, corners)) for point in weights]
+        ys = [sum(w * c[1] for w, c in zip(point, corners)) for point in weights]
+        image = axis.tripcolor(mtri.Triangulation(xs, ys), losses, shading="gouraud", vmin=low, vmax=high)
+        for k, (x, y) in enumerate(corners):
+            axis.annotate(f"model {k}", (x, y), ha="center", va="top" if y == 0 else "bottom", fontsize=8)
+        axis.set_title(method, fontsize=9)
+        axis.set_aspect("equal")
+        axis.axis("off")
+    for axis in list(axes.flat)[len(methods):]:
+        axis.axis("off")
+    figure.colorbar(image, ax=axes.ravel().tolist(), label="loss", shrink=0.8)
+    with atomic_file(path) as tmp:
+        figure.savefig(tmp, dpi=120, format="png")
+    plt.close(figure)
+    return path

@@ -129,6 +129,17 @@ def _merge_stage(
     return Stage(name, run_dir, argv, (MERGE_COMPLETE, "results.json"), _run_dirs_of(model_a, model_b), kind)
 
 
+def _joint_merge_stage(root: Path, config: str, models: dict[int, str], methods: list[str], extra: list[str]) -> Stage:
+    """All seeds' models merged at once (N = len(seeds)) with ``methods``: the report's joint table."""
+    paths = [models[seed] for seed in models]
+    run_dir = root / "merge" / "mlm_joint"
+    argv = ("merge", "--config", config, "--trainer.default_root_dir", str(run_dir),
+            "--model.init_args.models", json.dumps(paths), "--data.init_args.tokenizer", paths[0], *extra,
+            "--methods", json.dumps(methods), "--export_method", methods[-1])
+    return Stage(f"merge mlm jointly ({len(paths)} models)", run_dir, argv, (MERGE_COMPLETE, "results.json"),
+                 _run_dirs_of(*paths), "merge mlm jointly")
+
+
 def _run_stage(stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock) -> None:
     prefix = f"[{index}/{total}] {stage.name}"
     if stage.is_complete():
@@ -265,6 +276,7 @@ def reproduce(
     merge_args: list[str] | None = None,
     tasks: dict[str, TaskSpec] | None = None,
     language_model: str = "MLM",
+    joint_methods: list[str] | None = None,
 ) -> Path:
     """Run the whole study: pretrain every seed, fine-tune each on every task, merge every pair, write the report.
 
@@ -279,6 +291,9 @@ def reproduce(
         merge_args: extra ``lm-merge merge`` arguments for every merge (e.g. ``--methods``).
         tasks: fine-tuning task name -> `TaskSpec` (fit and merge configs).
         language_model: what the pretrained models are, for the report: ``MLM`` (masked) or ``CLM`` (causal).
+        joint_methods: with three seeds or more, also merge all the pretrained models at once with these methods
+            (e.g. ``[vanilla, ff+attn+res, merge_many, cycle_consistent]``; after ``merge_args``, which may not set
+            ``--methods``): the report gains the N-model table.
 
     Returns:
         The report directory.
@@ -291,17 +306,20 @@ def reproduce(
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"a study needs at least two distinct seeds, got {seeds}")
     root = Path(study_dir)
+    if joint_methods and len(seeds) < 3:
+        raise ConfigError(f"joint_methods merge three models or more; this study has {len(seeds)} seeds")
     stages = study_stages(root, seeds, pretrain_config, pretrain_args or [], mlm_merge_config, merge_args or [],
-                          tasks or {}, pretrained)
+                          tasks or {}, pretrained, joint_methods or [])
     clock = StudyClock(stages)
     for index, stage in enumerate(stages, start=1):
         _run_stage(stage, index, len(stages), root / "logs", clock)
-    return write_study_report(root, seeds, list((tasks or {}).keys()), language_model)
+    return write_study_report(root, seeds, list((tasks or {}).keys()), language_model, joint=bool(joint_methods))
 
 
 def study_stages(
     root: Path, seeds: list[int], pretrain_config: str, pretrain_args: list[str], mlm_merge_config: str,
     merge_args: list[str], tasks: dict[str, TaskSpec], pretrained: str | None = None,
+    joint_methods: list[str] | None = None,
 ) -> list[Stage]:
     """Every stage of a study, in the order they run."""
     if pretrained is None:
@@ -318,4 +336,6 @@ def study_stages(
             task_a, task_b = (str(root / "finetune" / task / f"seed{s}" / "hf") for s in (a, b))
             stages.append(_merge_stage(f"merge {task} {pair}", f"merge {task}", root / "merge" / task / pair,
                                        spec.merge_config, task_a, task_b, [*merge_args, *spec.merge_args]))
+    if joint_methods:
+        stages.append(_joint_merge_stage(root, mlm_merge_config, models, joint_methods, merge_args))
     return stages

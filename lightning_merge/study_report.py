@@ -6,11 +6,12 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_merge.errors import DataError
-from lightning_merge.io import atomic_write_text
+from lightning_merge.io import atomic_file, atomic_write_text
 from lightning_merge.report import new_plot, save_plot
 
 # Table 1: attention variants (with FF), Table 2: residual variants; rows are (label, method name).
@@ -155,10 +156,34 @@ def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str],
     save_plot(figure, axis, path)
 
 
-def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str], language_model: str = "MLM") -> Path:
+def joint_table(results: dict, pairs: dict[str, dict], label: str) -> str:
+    """The N-model merge: per method, its barrier over every pair after the joint alignment (beside the same pairs'
+    barrier when the pair is fitted alone, from the pairwise merges), the N-way average's loss over the mean
+    endpoint loss, and the cycle-consistency error of its pairwise alignments."""
+    from lightning_merge.merge.joint_curves import summarise
+
+    n = results["num_models"]
+    lines = [f"### {n} models merged at once ({label})", "",
+             f"| method | pair barrier (joint alignment) | pair barrier (fitted per pair) | {n}-way average loss | "
+             "mean endpoint loss | increase | cycle-consistency error |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for method, per_pair in results["barriers"].items():
+        mean, se = summarise(per_pair)
+        alone = _column(pairs, method, "barrier")
+        average = results["average"][method]
+        cycle = results.get("cycle_consistency_error", {}).get(method)
+        lines.append(f"| `{method}` | {mean:.3f} ± {se:.3f} | {_fmt(alone)} | {average['loss']:.3f} | "
+                     f"{average['mean_endpoint_loss']:.3f} | {average['loss_increase']:.3f} | "
+                     f"{'–' if cycle is None else f'{cycle:.3f}'} |")
+    return "\n".join(lines)
+
+
+def write_study_report(
+    root: Path, seeds: Sequence[int], tasks: Sequence[str], language_model: str = "MLM", joint: bool = False
+) -> Path:
     """Write ``report/report.md``, the curve PNGs and ``report/pairs.json`` (raw per-pair results).
 
-    ``language_model`` (``MLM`` or ``CLM``) names the pretrained models and their loss in the report."""
+    ``language_model`` (``MLM`` or ``CLM``) names the pretrained models and their loss in the report; ``joint``
+    adds the table of the merge of all seeds at once (``merge/mlm_joint``)."""
     report_dir = root / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     mlm = load_pair_results(root / "merge" / "mlm", seeds)
@@ -179,6 +204,16 @@ def write_study_report(root: Path, seeds: Sequence[int], tasks: Sequence[str], l
     sections.append(all_methods_table(mlm, f"Every method ({label}), beyond the paper's"))
     for task, pairs in task_pairs.items():
         sections.append(all_methods_table(pairs, f"Every method ({task})", primary_metric(pairs)))
+    if joint:
+        path = root / "merge" / "mlm_joint" / "results.json"
+        if not path.is_file():
+            raise DataError(f"joint merge results {path} are missing; rerun the study to complete that stage")
+        joint_results = json.loads(path.read_text())
+        sections.append(joint_table(joint_results, mlm, label))
+        if (path.parent / "simplex.png").is_file():
+            with atomic_file(report_dir / "mlm_joint_simplex.png") as tmp:
+                shutil.copyfile(path.parent / "simplex.png", tmp)
+            sections.append("![loss over the triangle of three models](mlm_joint_simplex.png)")
     plot_mean_curves(report_dir / "mlm_attention.png", mlm, [m for _, m in ATTENTION_ROWS],
                      f"{label}: attention variants")
     plot_mean_curves(report_dir / "mlm_residual.png", mlm, [m for _, m in RESIDUAL_ROWS], f"{label}: residual variants")

@@ -28,14 +28,23 @@ from lightning_merge.io import (
     remove_stale_temporaries,
 )
 from lightning_merge.memory import release_freed_memory
-from lightning_merge.merge.alignment import needs_folded_norms, save_alignments
+from lightning_merge.merge.alignment import save_alignments
+from lightning_merge.merge.joint import cycle_consistency_error, pairwise_from_joint
+from lightning_merge.merge.joint_methods import (
+    JointInputs,
+    JointMethod,
+    fit_joint,
+    fit_pairwise,
+    permutations_only,
+    with_identities,
+)
 from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import STATISTICS_DTYPE, product_dtype
 from lightning_merge.models import check_checkpoint, check_finite
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
-from lightning_merge.report import MERGE_COMPLETE, write_report
+from lightning_merge.report import MERGE_COMPLETE, write_joint_report, write_report
 
 # The paper's comparisons: FF alone, FF+attention per attention variant, residual per variant, the full method.
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -146,7 +155,7 @@ class MergeTrainer(pl.Trainer):
         """
         names = list(methods or DEFAULT_METHODS)
         run_dir = Path(self.default_root_dir)
-        chosen = self._check_request(run_dir, names, export_method, overwrite)
+        chosen = self._check_request(run_dir, names, export_method, overwrite, model.num_models)
         for method in chosen.values():
             method.check_spec(model.spec)
         product_dtype(statistics_dtype)  # an unknown name fails before any work
@@ -172,8 +181,13 @@ class MergeTrainer(pl.Trainer):
         inputs = self._fit_inputs(
             model, datamodule, statistics_loader, chosen, exclude_special_tokens, statistics_dtype, timings
         )
-        alignments = self._fit_alignments(model, chosen, inputs, timings)
-        model.set_methods(alignments, _task_metrics(datamodule))
+        if model.num_models == 2:
+            alignments = self._fit_alignments(model, chosen, inputs, timings)
+            model.set_methods(alignments, _task_metrics(datamodule))
+        else:
+            joint, pairwise = self._fit_joint_alignments(chosen, inputs, timings)
+            model.set_joint_methods(joint, pairwise, _task_metrics(datamodule))
+            alignments = _alignments_by_model(joint, pairwise)
         untied = _report_folding(model)
         release_freed_memory()  # the statistics and correlations, before the curves' parameters and activations
         start = time.perf_counter()
@@ -182,16 +196,26 @@ class MergeTrainer(pl.Trainer):
         release_freed_memory()  # the curves' activations, before the export builds the merged model
         timings["curve_points"] = len(model.methods) * len(model.lambdas)
         descriptions = {name: method.describe() for name, method in chosen.items()}
-        for name, figures in model.results["barriers"].items():
-            figures["function_preserving"] = descriptions[name]["function_preserving"]
+        if model.num_models == 2:
+            for name, figures in model.results["barriers"].items():
+                figures["function_preserving"] = descriptions[name]["function_preserving"]
+        else:
+            for name, figures in model.results["average"].items():
+                figures["function_preserving"] = descriptions[name]["function_preserving"]
+            model.results["cycle_consistency_error"] = _cycle_errors(model)
         results = {**model.results, "methods": descriptions, "untied": untied, "timings": timings}
         self._write_outputs(run_dir, model, alignments, results, export_method, export_lambda, datamodule)
         return results
 
     def _check_request(
-        self, run_dir: Path, names: list[str], export_method: str | None, overwrite: bool
+        self, run_dir: Path, names: list[str], export_method: str | None, overwrite: bool, num_models: int = 2
     ) -> dict[str, MergeMethod]:
         chosen = {name: get_method(name) for name in names}  # unknown names and bad options fail before any work
+        learners = [name for name, method in chosen.items() if LOSS in method.needs]
+        if num_models > 2 and learners:
+            raise ConfigError(f"method {learners[0]!r} trains on one pair of models; with {num_models} models use "
+                              "pairwise methods that need no training or a joint method (to_reference, merge_many, "
+                              "cycle_consistent)")
         if export_method is not None and export_method not in names:
             raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(names)}")
         if (run_dir / MERGE_COMPLETE).exists() and not overwrite:
@@ -235,8 +259,16 @@ class MergeTrainer(pl.Trainer):
             features = [f for method in methods.values() for f in method.statistics_features(model.spec)]
             statistics = self._collect_statistics(model, datamodule, loader, list(dict.fromkeys(features)),
                                                   exclude_special, statistics_dtype, timings)
-        weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
-        return FitInputs(model.spec, *weights, statistics=statistics, training=training)
+        if model.num_models == 2:
+            weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
+            return FitInputs(model.spec, *weights, statistics=statistics, training=training)
+        every = [_parameters(m) for m in model.all_models] if WEIGHTS in needs else None
+
+        def pair(i: int, j: int) -> FitInputs:
+            return FitInputs(model.spec, *((every[i], every[j]) if every else (None, None)),
+                             statistics=statistics.pair(i, j) if statistics is not None else None)
+
+        return JointInputs(model.spec, model.num_models, pair)
 
     def _check_learning_strategy(self, method: str) -> None:
         if self.world_size > 1 and not isinstance(self.strategy, DDPStrategy):
@@ -271,6 +303,26 @@ class MergeTrainer(pl.Trainer):
         timings.update(matching_s=time.perf_counter() - start, fit_s=fit_seconds)
         return alignments
 
+    def _fit_joint_alignments(
+        self, methods: Mapping[str, MergeMethod], inputs: JointInputs, timings: dict
+    ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[tuple[int, int], dict[str, Any]]]]:
+        """Every method's alignment of every model into model 0's basis, and the pairwise methods' fits of every
+        pair (a pairwise method's common basis is its alignment of each model to model 0, fitted once)."""
+        fit_seconds: dict[str, float] = {}
+        joint, pairwise = {}, {}
+        start = time.perf_counter()
+        try:
+            for name, method in methods.items():
+                began = time.perf_counter()
+                joint[name] = fit_joint(method, inputs)
+                if not isinstance(method, JointMethod):
+                    pairwise[name] = fit_pairwise(method, inputs)
+                fit_seconds[name] = time.perf_counter() - began
+        finally:
+            inputs.close()
+        timings.update(matching_s=time.perf_counter() - start, fit_s=fit_seconds)
+        return joint, pairwise
+
     def _optimiser(self, datamodule: Any) -> Callable[[torch.nn.Module, int, float, str], None]:
         """`TrainingLoss.optimise` for this merge: Lightning fits the method's module on the training batches,
         on this trainer's devices, strategy, precision and logger."""
@@ -301,21 +353,33 @@ class MergeTrainer(pl.Trainer):
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(run_dir / "alignments.safetensors") as tmp:
             save_alignments(tmp, alignments)
+        if model.num_models > 2:
+            table = write_joint_report(run_dir, results)
+            atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+            if export_method is not None:
+                self._export(run_dir / "merged", model.merged_average(export_method),
+                             f"the average of {model.num_models} models by {export_method}", datamodule)
+            self._finish(run_dir, alignments, export_method, table)
+            return
         metric_columns = [k for k in next(iter(results["barriers"].values())) if k.endswith(("_barrier", "_a", "_b"))
                           and k not in BARRIER_COLUMNS]
         table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"],
                              [*BARRIER_COLUMNS, *metric_columns])
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         if export_method is not None:
-            self._export_merged(run_dir / "merged", model, export_method, export_lambda, datamodule)
-        marker = {"methods": list(alignments), "export_method": export_method, "finished": time.time()}
-        atomic_write_text(run_dir / MERGE_COMPLETE, json.dumps(marker, indent=2) + "\n")  # last: the run is whole
-        print(f"\nBarriers along the interpolation path ({run_dir}):\n{table}\n", flush=True)
+            self._export(run_dir / "merged", model.merged_model(export_method, export_lambda),
+                         f"merged by {export_method} at lambda={export_lambda:g}", datamodule)
+        self._finish(run_dir, alignments, export_method, table)
 
     @staticmethod
-    def _export_merged(path: Path, model: InterpolationModule, method: str, lam: float, datamodule: Any) -> None:
-        merged = model.merged_model(method, lam)
-        check_finite(merged, f"merged by {method} at lambda={lam:g}")
+    def _finish(run_dir: Path, alignments: dict, export_method: str | None, table: str) -> None:
+        marker = {"methods": list(alignments), "export_method": export_method, "finished": time.time()}
+        atomic_write_text(run_dir / MERGE_COMPLETE, json.dumps(marker, indent=2) + "\n")  # last: the run is whole
+        print(f"\nBarriers along the interpolation paths ({run_dir}):\n{table}\n", flush=True)
+
+    @staticmethod
+    def _export(path: Path, merged: Any, what: str, datamodule: Any) -> None:
+        check_finite(merged, what)
         tokenizer = getattr(datamodule, "tokenizer", None)
         with atomic_dir(path, overwrite=True) as tmp:
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -331,14 +395,41 @@ def _say(line: str) -> None:
 def _report_folding(model: InterpolationModule) -> dict[str, list[str]]:
     """Say which methods evaluate folded endpoints and what they untie: nothing is approximated silently."""
     untied = {}
-    for method, alignments in model.methods.items():
-        if not needs_folded_norms(alignments):
+    for method in model.method_names:
+        if not model.folds(method):
             continue
         untied[method] = model.untied(method)
         detail = "; ".join(f"{name} untied from {model.spec.ties[name]}" for name in untied[method])
         _say(f"{method}: LayerNorm gains folded into the layers that read them in both endpoints (same functions)"
              + (f"; {detail} in both" if detail else ""))
     return {method: names for method, names in untied.items() if names}
+
+
+def _alignments_by_model(joint: Mapping[str, list], pairwise: Mapping[str, Mapping[tuple[int, int], Any]]) -> dict:
+    """What ``alignments.safetensors`` holds for N models: keys ``method/model{k}/group`` (into model 0's basis) and,
+    for pairwise methods, ``method/pair{i}-{j}/group`` (model j into model i's)."""
+    out = {f"{name}/model{k}": groups for name, per_model in joint.items() for k, groups in enumerate(per_model)}
+    out.update({f"{name}/pair{i}-{j}": groups for name, per_pair in pairwise.items()
+                for (i, j), groups in per_pair.items()})
+    return out
+
+
+def _cycle_errors(model: InterpolationModule) -> dict[str, float | None]:
+    """Per method, the share of features whose pairwise alignments do not compose (P_ik ≠ P_jk ∘ P_ij): of the
+    pairwise fits for pairwise methods, of the alignments their common basis implies for joint ones (0 by
+    construction); None where an alignment is not a permutation."""
+    errors: dict[str, float | None] = {}
+    for method, per_model in model.joint_alignments.items():
+        per_pair = model.pair_alignments.get(method)
+        alignments = list(per_pair.values()) if per_pair is not None else per_model
+        if not permutations_only(alignments):
+            errors[method] = None
+            continue
+        if per_pair is None:
+            per_pair = pairwise_from_joint(with_identities(model.spec, per_model))
+        errors[method] = cycle_consistency_error(
+            {pair: with_identities(model.spec, [groups])[0] for pair, groups in per_pair.items()})
+    return errors
 
 
 BARRIER_COLUMNS = ("barrier", "barrier_midpoint", "loss_a", "loss_b", "function_preserving")

@@ -123,3 +123,19 @@ def test_check_lambdas_before_any_curve():
     assert check_lambdas([0, 0.5, 1]) == [0.0, 0.5, 1.0]
     with pytest.raises(ConfigError, match="must contain 1"):
         check_lambdas([0.0, 0.5])
+
+
+def test_combine_state_dicts_is_exact_at_a_model_a_line_for_two_and_a_weighted_mean():
+    from lightning_merge.merge.interpolate import combine_state_dicts
+
+    generator = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(3, 3, generator=generator), "ids": torch.arange(3)} for _ in range(3)]
+    for state in states:
+        state["tied"] = state["w"]
+    assert combine_state_dicts(states, [0, 1, 0])["w"] is states[1]["w"]
+    two = combine_state_dicts(states, [0.75, 0, 0.25])
+    assert torch.equal(two["w"], interpolate_state_dicts(states[0], states[2], 0.25)["w"])
+    three = combine_state_dicts(states, [0.2, 0.3, 0.5])
+    expected = 0.2 * states[0]["w"] + 0.3 * states[1]["w"] + 0.5 * states[2]["w"]
+    assert torch.allclose(three["w"], expected, atol=1e-6) and three["tied"] is three["w"]
+    assert torch.equal(three["ids"], states[0]["ids"])

@@ -167,9 +167,12 @@ def test_multiberts_recipe_uses_hub_models_without_pretraining(tmp_path, monkeyp
     config = parser.parse_args(["--config", str(ROOT / "configs/reproduce/multiberts.yaml")])
     tasks = {name: TaskSpec(**vars(spec)) for name, spec in config.tasks.items()}
     stages = study_stages(tmp_path, config.seeds, config.pretrain_config, [], config.mlm_merge_config, [], tasks,
-                          config.pretrained)
+                          config.pretrained, config.joint_methods)
     assert not any(stage.name.startswith("pretrain") for stage in stages)
-    assert sum(stage.name.startswith("merge mlm") for stage in stages) == 10  # 5 seeds -> 10 pairs
+    assert sum(stage.name.startswith("merge mlm seed") for stage in stages) == 10  # 5 seeds -> 10 pairs
+    joint = next(stage for stage in stages if stage.name == "merge mlm jointly (5 models)")  # the N = 5 row
+    models = json.loads(joint.argv[joint.argv.index("--model.init_args.models") + 1])
+    assert models == [f"google/multiberts-seed_{seed}" for seed in range(1, 6)]
     assert len(tasks) == 8
     finetune = next(stage for stage in stages if stage.name == "fine-tune mrpc seed 3")
     assert "google/multiberts-seed_3" in finetune.argv and finetune.inputs == ()
@@ -262,3 +265,39 @@ def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> 
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("[1/3] pretrain seed 0: 0.0 min in, no estimate yet") for line in lines)
     assert any(line.startswith("[2/3] pretrain seed 1: 0.0 min in, ~0.0 min left") for line in lines)
+
+
+def fake_joint_results(methods: list[str], seeds: int) -> dict:
+    from lightning_merge.merge.joint_curves import JointPlan
+
+    plan = JointPlan(methods, seeds, [0.0, 0.5, 1.0], pairwise=methods[:2], simplex_steps=2)
+    losses = [1.0 + 0.5 * (max(p.weights) < 1) / (1 + plan.methods.index(p.method)) for p in plan.points]
+    return {**plan.results(losses), "cycle_consistency_error": {m: 0.5 if m in methods[:2] else 0.0 for m in methods}}
+
+
+def test_a_joint_merge_of_every_seed_adds_the_n_model_table(tmp_path, monkeypatch) -> None:
+    joint = ["vanilla", "ff+attn+res", "merge_many", "cycle_consistent"]
+    fake = FakeLm()
+
+    def lm(command, stdout=None, stderr=None):
+        argv = command[3:]
+        if "--model.init_args.models" in argv:
+            models = json.loads(argv[argv.index("--model.init_args.models") + 1])
+            assert json.loads(argv[argv.index("--methods") + 1]) == joint and len(models) == 3
+            run_dir = Path(argv[argv.index("--trainer.default_root_dir") + 1])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "results.json").write_text(json.dumps(fake_joint_results(joint, len(models))))
+            (run_dir / MERGE_COMPLETE).write_text("{}")
+            return subprocess.CompletedProcess(command, 0)
+        return fake(command, stdout, stderr)
+
+    monkeypatch.setattr(subprocess, "run", lm)
+    report = reproduce(str(tmp_path), [0, 1, 2], joint_methods=joint)
+    text = (report / "report.md").read_text()
+    table = text[text.index("### 3 models merged at once"):]
+    rows = [line for line in table.splitlines() if line.startswith("| `")]
+    assert [row.split("`")[1] for row in rows] == joint
+    assert "| `merge_many` | 0.167 ± 0.000 | – |" in table  # no pairwise merge ran merge_many
+    assert "| 0.000 |" in rows[-1] and "| 0.500 |" in rows[1]  # cycle-consistency errors
+    with pytest.raises(ConfigError, match="three models or more"):
+        reproduce(str(tmp_path / "two"), [0, 1], joint_methods=joint)

@@ -15,14 +15,20 @@ from lightning_merge.merge.alignment import (
     save_alignments,
 )
 from lightning_merge.merge.families import FAMILIES, Family
-from lightning_merge.merge.features import FeatureRecorder, PairStatisticsRecorder, collect_statistics
+from lightning_merge.merge.features import (
+    FeatureRecorder,
+    PairStatisticsRecorder,
+    StatisticsRecorder,
+    collect_joint_statistics,
+    collect_statistics,
+)
 from lightning_merge.merge.fold import fold_layer_norms
 from lightning_merge.merge.interpolate import interpolate_state_dicts, lambda_grid, load_state_dict_tied, loss_barrier
 from lightning_merge.merge.method import FitInputs, MergeMethod
 from lightning_merge.merge.methods import METHODS, fit_methods, get_method
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import Axis, PermutationSpec, spec_for_model, spec_for_pair, spec_from_config
-from lightning_merge.merge.stats import MergeStatistics, PairStatistics
+from lightning_merge.merge.stats import JointStatistics, MergeStatistics, PairStatistics
 
 __all__ = [
     "FAMILIES",
@@ -33,14 +39,17 @@ __all__ = [
     "FeatureRecorder",
     "FitInputs",
     "HeadLinear",
+    "JointStatistics",
     "MergeMethod",
     "MergeStatistics",
     "Orthogonal",
     "PairStatistics",
     "PairStatisticsRecorder",
     "Permutation",
+    "StatisticsRecorder",
     "PermutationSpec",
     "apply_alignments",
+    "collect_joint_statistics",
     "collect_statistics",
     "fit_methods",
     "fold_layer_norms",

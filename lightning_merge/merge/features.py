@@ -9,13 +9,14 @@ Usage::
 Features are kept only for non-padding tokens (and, if a special-tokens mask is given, non-special tokens), so the
 statistics are over real tokens as in the paper.
 
-For the statistics pass, `PairStatisticsRecorder` hooks both models and adds each feature point to the sums as soon
-as model B produces it, so at most model A's features of one batch are held, not both models'.
+For the statistics pass, `StatisticsRecorder` hooks N models (`PairStatisticsRecorder` two) and adds each feature
+point to every pair's sums as soon as the pair's second model produces it, so at most N − 1 models' features of one
+batch are held.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ import torch
 from lightning_merge.errors import ArchitectureMismatch, DataError
 from lightning_merge.merge.families import model_inputs
 from lightning_merge.merge.spec import FeaturePoint, PermutationSpec
-from lightning_merge.merge.stats import STATISTICS_DTYPE, MergeStatistics
+from lightning_merge.merge.stats import STATISTICS_DTYPE, JointStatistics, MergeStatistics
 
 Features = dict[str, dict[str, torch.Tensor]]
 
@@ -135,32 +136,35 @@ def _drop_mask(keep: torch.Tensor) -> torch.Tensor | None:
     return None if keep.all() else keep
 
 
-class PairStatisticsRecorder:
-    """Hooks on models A and B that add every feature point of a batch to `MergeStatistics` as B produces it.
+class StatisticsRecorder:
+    """Hooks on N ≥ 2 models that add every feature point of a batch to `JointStatistics` as the models produce it.
 
-    Two `FeatureRecorder` s would hold both models' activations at every point until the batch ends; here A's wait
-    only until B reaches the same point, which roughly halves the statistics pass's peak memory. Each feature module
-    must run once per forward (true of every BERT module). Run A, then B, on each batch, between `begin_batch` and
-    `end_batch`::
+    Holding every model's activations at every point until the batch ends would cost N models' features; here model
+    i's features of a point wait only until the last model reaches the same point, and each pair's sums are updated
+    as soon as its second model produces the point. Each feature module must run once per forward (true of every
+    supported family). Run the models in order on each batch, between `begin_batch` and `end_batch`::
 
-        with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
+        with StatisticsRecorder(models, statistics) as recorder:
             for batch in batches:
                 recorder.begin_batch(batch["attention_mask"])
-                model_a(**batch); model_b(**batch)
+                for model in models:
+                    model(**batch)
                 recorder.end_batch()
     """
 
-    def __init__(self, model_a: torch.nn.Module, model_b: torch.nn.Module, statistics: MergeStatistics) -> None:
+    def __init__(self, models: Sequence[torch.nn.Module], statistics: JointStatistics) -> None:
+        if len(models) != statistics.num_models:
+            raise ValueError(f"{len(models)} models for statistics of {statistics.num_models}")
         self.statistics = statistics
-        self._models = (model_a, model_b)
+        self._models = tuple(models)
         self._recorders: tuple[FeatureRecorder, ...] = ()  # made by `register`, dropped by `remove`
-        self._keys = set(statistics.points)  # the points of its groups, by key
+        self._keys = set(statistics.point_keys)
         self._keep: torch.Tensor | None = None
         self._in_batch = False
-        self._waiting: dict[str, torch.Tensor] = {}
+        self._waiting: dict[str, dict[int, torch.Tensor]] = {}
         self._done: set[str] = set()
 
-    def __enter__(self) -> PairStatisticsRecorder:
+    def __enter__(self) -> StatisticsRecorder:
         self.register()
         return self
 
@@ -170,21 +174,19 @@ class PairStatisticsRecorder:
     def register(self) -> None:
         if not self._recorders:
             spec, groups = self.statistics.spec, self.statistics.groups
-            self._recorders = tuple(
-                FeatureRecorder(model, spec, groups, on_capture=capture)
-                for model, capture in zip(self._models, (self._capture_a, self._capture_b))
-            )
+            self._recorders = tuple(FeatureRecorder(model, spec, groups, on_capture=self._capture(k))
+                                    for k, model in enumerate(self._models))
         try:
             for recorder in self._recorders:
                 recorder.register()
         except BaseException:
-            self.remove()  # a failure on B would leave A's hooks: `with` never reaches `__exit__`
+            self.remove()  # a failure on a later model would leave the earlier ones' hooks
             raise
 
     def remove(self) -> None:
         for recorder in self._recorders:
             recorder.remove()
-        # they hold this recorder's bound methods: kept, that cycle would keep the statistics alive until Python's
+        # they hold closures over this recorder: kept, that cycle would keep the statistics alive until Python's
         # cyclic collector happens to run
         self._recorders = ()
         self._waiting.clear()
@@ -197,25 +199,47 @@ class PairStatisticsRecorder:
         self._done.clear()
 
     def end_batch(self) -> None:
-        """Check that both models' forward passes reached every feature point of the batch."""
+        """Check that every model's forward pass reached every feature point of the batch."""
         missing = sorted(self._keys - self._done)
         self._keep, self._in_batch = None, False
         if missing:
-            raise RuntimeError(f"no activation of model B recorded at {missing[0]}; run A, then B, on every batch")
+            last = self._name(len(self._models) - 1)
+            raise RuntimeError(f"no activation of {last} recorded at {missing[0]}; run every model on every batch, "
+                               "in order")
 
-    def _capture_a(self, key: str, value: torch.Tensor) -> None:
-        self._waiting[key] = kept_tokens(value, self._current_keep())
+    def _name(self, k: int) -> str:
+        return f"model {'AB'[k]}" if len(self._models) == 2 else f"model {k}"
 
-    def _capture_b(self, key: str, value: torch.Tensor) -> None:
-        if key not in self._waiting:
-            raise RuntimeError(f"model B reached {key} before model A did on this batch; run A, then B")
-        self.statistics.points[key].update(self._waiting.pop(key), kept_tokens(value, self._current_keep()))
-        self._done.add(key)
+    def _capture(self, k: int) -> Callable[[str, torch.Tensor], None]:
+        def capture(key: str, value: torch.Tensor) -> None:
+            keep = self._current_keep()
+            waiting = self._waiting.setdefault(key, {})
+            if len(waiting) != k:
+                raise RuntimeError(f"{self._name(k)} reached {key} before {self._name(len(waiting))} did on this "
+                                   "batch; run the models in order")
+            features = kept_tokens(value, keep)
+            for i, earlier in waiting.items():
+                self.statistics.pair(i, k).points[key].update(earlier, features)
+            if k < len(self._models) - 1:
+                waiting[k] = features
+            else:
+                del self._waiting[key]
+                self._done.add(key)
+
+        return capture
 
     def _current_keep(self) -> torch.Tensor | None:
         if not self._in_batch:
             raise RuntimeError("a forward pass ran outside begin_batch/end_batch of the statistics recorder")
         return self._keep
+
+
+class PairStatisticsRecorder(StatisticsRecorder):
+    """`StatisticsRecorder` of two models into one `MergeStatistics` (A = ``model_a``): the pair merge's pass."""
+
+    def __init__(self, model_a: torch.nn.Module, model_b: torch.nn.Module, statistics: MergeStatistics) -> None:
+        super().__init__((model_a, model_b), JointStatistics.from_pairs({(0, 1): statistics}, 2))
+
 
 
 @torch.no_grad()
@@ -248,20 +272,42 @@ def collect_statistics(
     Returns:
         The accumulated statistics.
     """
-    groups = list(spec.groups if groups is None else groups)
-    device = device if device is not None else next(model_a.parameters()).device
-    statistics = MergeStatistics(spec, groups, device=device, products=products)
-    run_a, run_b = _feature_model(model_a, spec, groups), _feature_model(model_b, spec, groups)
-    with PairStatisticsRecorder(model_a, model_b, statistics) as recorder:
+    statistics = MergeStatistics(spec, groups, device=device or next(model_a.parameters()).device, products=products)
+    pair = JointStatistics.from_pairs({(0, 1): statistics}, 2)
+    _run_statistics_pass((model_a, model_b), batches, spec, pair, exclude_special_tokens)
+    return statistics
+
+
+@torch.no_grad()
+def collect_joint_statistics(
+    models: Sequence[torch.nn.Module],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    spec: PermutationSpec,
+    groups: Iterable[str] | None = None,
+    device: torch.device | str | None = None,
+    exclude_special_tokens: bool = False,
+    products: str = STATISTICS_DTYPE,
+) -> JointStatistics:
+    """`collect_statistics` for N ≥ 2 models: every pair's statistics from one pass over ``batches``."""
+    statistics = JointStatistics(spec, len(models), groups, device or next(models[0].parameters()).device, products)
+    _run_statistics_pass(models, batches, spec, statistics, exclude_special_tokens)
+    return statistics
+
+
+def _run_statistics_pass(
+    models: Sequence[torch.nn.Module], batches: Iterable[Mapping[str, torch.Tensor]], spec: PermutationSpec,
+    statistics: JointStatistics, exclude_special: bool,
+) -> None:
+    runners = [_feature_model(model, spec, statistics.groups) for model in models]
+    with StatisticsRecorder(models, statistics) as recorder:
         for batch in batches:
-            recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
+            recorder.begin_batch(*_token_masks(batch, exclude_special))
             inputs = model_inputs(batch, spec.family) if spec.family else {
                 k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-            run_a(**_to(inputs, model_a))
-            if model_b is not model_a:  # one model as both: its A and B hooks both fire in one forward
-                run_b(**_to(inputs, model_b))
+            for k, (model, run) in enumerate(zip(models, runners)):
+                if all(model is not earlier for earlier in models[:k]):  # one model twice: its hooks all fire at once
+                    run(**_to(inputs, model))
             recorder.end_batch()
-    return statistics
 
 
 _NOT_MODEL_INPUTS = ("special_tokens_mask", "labels")

@@ -58,6 +58,30 @@ def _lerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     return torch.lerp(a.to(dtype), b.to(dtype), lam).to(a.dtype)
 
 
+def combine_state_dicts(states: Sequence[StateDict], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Σ_k w_k θ_k for weights summing to 1 (states already in one basis): a model itself where one weight is 1,
+    `interpolate_state_dicts` for two, A's tied entries sharing one tensor."""
+    chosen = [(state, weight) for state, weight in zip(states, weights) if weight != 0]
+    if len(chosen) == 1:
+        return dict(chosen[0][0])
+    if len(chosen) == 2:
+        (first, w_first), (second, w_second) = chosen
+        return interpolate_state_dicts(first, second, w_second / (w_first + w_second))
+    first = chosen[0][0]
+    for state, _ in chosen[1:]:
+        _check_same_keys(first, state)
+    ties = find_ties(first)
+    out: dict[str, torch.Tensor] = {}
+    for name, value in first.items():
+        if name in ties:
+            out[name] = out[ties[name]]
+        elif torch.is_floating_point(value):
+            out[name] = sum(weight * state[name].to(value.device) for state, weight in chosen)
+        else:
+            out[name] = value
+    return out
+
+
 def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
     """θ(λ) = (1−λ)·θ_A + λ·θ_B, exact at λ = 0 and 1.
 

@@ -4,7 +4,9 @@ A method is one class (see `lightning_merge.merge.method.MergeMethod`) in its ow
 outside this registry branches on a method's name. Names (`get_method`):
 
 - a registered name, optionally with options: ``vanilla``, ``permute``, ``weight_matching``,
-  ``learned[init=permute,steps=1500,attn=linear]`` (``name[key=value,...]``; every option has a default);
+  ``learned[init=permute,steps=1500,attn=linear]`` (``name[key=value,...]``; every option has a default); the joint
+  methods of N models ``to_reference[method=ff+attn+res]``, ``merge_many[groups=ff+attn+res,by=activations]``,
+  ``cycle_consistent[groups=ff+attn+res]`` (`lightning_merge.merge.joint_methods`);
 - or activation matching composed per group kind, parts joined by ``+`` in any order, each at most once::
 
       ff                                                  feed-forward groups, one assignment per layer
@@ -35,6 +37,7 @@ from lightning_merge.merge.activation_matching import (
     FullPermutation,
 )
 from lightning_merge.merge.alignment import Alignment
+from lightning_merge.merge.joint_methods import CycleConsistent, MergeMany, ToReference
 from lightning_merge.merge.learned import Learned
 from lightning_merge.merge.method import FitInputs, MergeMethod, Vanilla
 from lightning_merge.merge.weight_matching import WeightMatching
@@ -44,6 +47,9 @@ METHODS: dict[str, type[MergeMethod]] = {
     "permute": FullPermutation,
     "weight_matching": WeightMatching,
     "learned": Learned,
+    "to_reference": ToReference,
+    "merge_many": MergeMany,
+    "cycle_consistent": CycleConsistent,
 }
 
 _CALL = re.compile(r"^(?P<head>\w+)(?:\[(?P<args>.*)\])?$", re.S)

@@ -176,29 +176,33 @@ def _centred_unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return centred.div_(scale), shift.double(), scale.double()  # 1/scale overflows below ~6e-39: divide
 
 
-def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:
-    """Correlation of the point-averaged covariance: mean(cov) / sqrt(mean(var_a) ⊗ mean(var_b)).
-
-    With one point this is its Pearson correlation; with several it is the paper's residual "all" (covariances
-    averaged over points, then normalised). The moments are consumed: the first point's tensors are reused in place,
-    as `PairStatistics.moments` returns fresh ones.
-    """
-    # running sums, in place: the memory of one (d_a, d_b) matrix however many points are averaged
+def average_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """The moments (as `PairStatistics.moments` returns them) averaged over points, consumed in place: the first
+    point's tensors hold the running sums, so several points cost the memory of one (d_a, d_b) matrix."""
     count, totals = 0, None
     for parts in moments:
         count += 1
         totals = list(parts) if totals is None else [t.add_(p) for t, p in zip(totals, parts)]
     if totals is None:
         raise DataError("no feature points to correlate")
-    covariance, var_a, var_b, meansq_a, meansq_b = (t.div_(count) for t in totals)
-    inverse_std_a = _inverse_live_std(var_a, meansq_a)
-    inverse_std_b = _inverse_live_std(var_b, meansq_b)
+    return tuple(t.div_(count) for t in totals)
+
+
+def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """Correlation of the point-averaged covariance: mean(cov) / sqrt(mean(var_a) ⊗ mean(var_b)).
+
+    With one point this is its Pearson correlation; with several it is the paper's residual "all" (covariances
+    averaged over points, then normalised). The moments are consumed (`average_moments`).
+    """
+    covariance, var_a, var_b, meansq_a, meansq_b = average_moments(moments)
+    inverse_std_a = inverse_live_std(var_a, meansq_a)
+    inverse_std_b = inverse_live_std(var_b, meansq_b)
     covariance[inverse_std_a == 0] = 0.0  # a non-finite feature's covariances are NaN, and NaN x 0 stays NaN
     covariance[:, inverse_std_b == 0] = 0.0
     return covariance.mul_(inverse_std_a[:, None]).mul_(inverse_std_b[None, :]).clamp_(-1.0, 1.0)
 
 
-def _inverse_live_std(variance: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
+def inverse_live_std(variance: torch.Tensor, mean_square: torch.Tensor) -> torch.Tensor:
     """1/std per feature, 0 for dead, constant or non-finite ones (so their correlations are 0, not NaN)."""
     dead = (variance <= DEAD_RELATIVE_VARIANCE * mean_square) | ~torch.isfinite(variance)
     return torch.where(dead, 0.0, variance.clamp_min(1e-300).rsqrt())
@@ -284,6 +288,11 @@ class MergeStatistics:
         chosen = self.group_points(group)[points or slice(None)]
         return correlation_from_moments(stats.moments() for stats in chosen)
 
+    def moments(self, group: str, points: slice | None = None) -> tuple[torch.Tensor, ...]:
+        """(covariance, var_a, var_b, mean square a, mean square b) of ``group`` averaged over the chosen points."""
+        chosen = self.group_points(group)[points or slice(None)]
+        return average_moments(stats.moments() for stats in chosen)
+
     def cross_moment(self, features: str) -> torch.Tensor:
         """E[x_a x_bᵀ] of a feature set, averaged over its points."""
         chosen = self.group_points(features)
@@ -297,3 +306,66 @@ class MergeStatistics:
     def nbytes(self) -> int:
         """Bytes held by the sums (independent of the number of tokens)."""
         return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+
+
+class JointStatistics:
+    """Statistics of N ≥ 2 models at every feature point: one `MergeStatistics` per pair i < j, A = model i.
+
+    Memory is O(N² d²) per point and independent of the number of tokens. Because the sums of permuted features are
+    the permuted sums, a joint method re-indexes these pairwise sums for every alignment it tries: no second pass.
+
+    Args:
+        spec: the spec every model shares.
+        num_models: N.
+        groups, device, products: as for `MergeStatistics`.
+    """
+
+    def __init__(
+        self,
+        spec: PermutationSpec,
+        num_models: int,
+        groups: Iterable[str] | None = None,
+        device: torch.device | str | None = None,
+        products: str = "float64",
+    ) -> None:
+        if num_models < 2:
+            raise ConfigError(f"statistics of several models need at least two, got {num_models}")
+        self.spec = spec
+        self.num_models = num_models
+        self.pairs = {(i, j): MergeStatistics(spec, groups, device, products)
+                      for i in range(num_models) for j in range(i + 1, num_models)}
+        self.groups = self.pairs[(0, 1)].groups
+
+    @classmethod
+    def from_pairs(cls, pairs: Mapping[tuple[int, int], MergeStatistics], num_models: int) -> JointStatistics:
+        """Joint statistics made of existing pairwise ones (not copies), e.g. a pair merge's one pair (0, 1)."""
+        expected = {(i, j) for i in range(num_models) for j in range(i + 1, num_models)}
+        if set(pairs) != expected:
+            raise ConfigError(f"statistics of {num_models} models need the pairs {sorted(expected)}, "
+                              f"got {sorted(pairs)}")
+        joint = cls.__new__(cls)
+        first = pairs[(0, 1)]
+        joint.spec, joint.num_models, joint.groups, joint.pairs = first.spec, num_models, first.groups, dict(pairs)
+        return joint
+
+    @property
+    def point_keys(self) -> list[str]:
+        return list(self.pairs[(0, 1)].points)
+
+    def pair(self, i: int, j: int) -> MergeStatistics:
+        """The statistics of model i (as A) against model j (as B), i < j."""
+        if (i, j) not in self.pairs:
+            raise ConfigError(f"no statistics of models ({i}, {j}); pairs are i < j < {self.num_models}")
+        return self.pairs[(i, j)]
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Every sum as ``"{i}-{j}/{point key}/{field}"`` (live tensors, in a fixed order: see `MergeStatistics`)."""
+        return {f"{i}-{j}/{key}": t for (i, j), stats in self.pairs.items()
+                for key, t in stats.state_tensors().items()}
+
+    @property
+    def token_count(self) -> int:
+        return self.pairs[(0, 1)].token_count
+
+    def nbytes(self) -> int:
+        return sum(stats.nbytes() for stats in self.pairs.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -29,8 +30,14 @@ from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError,
 from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments, needs_folded_norms
 from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, model_inputs
 from lightning_merge.merge.fold import fold_layer_norms, untied_by_folding
-from lightning_merge.merge.interpolate import check_lambdas, interpolate_state_dicts, loss_barrier
-from lightning_merge.merge.spec import PermutationSpec, spec_for_pair
+from lightning_merge.merge.interpolate import (
+    check_lambdas,
+    combine_state_dicts,
+    interpolate_state_dicts,
+    loss_barrier,
+)
+from lightning_merge.merge.joint_curves import JointPlan, Pair
+from lightning_merge.merge.spec import PermutationSpec, spec_for_model, spec_for_pair
 from lightning_merge.models import load_pretrained
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
 
@@ -53,6 +60,28 @@ TASKS: dict[str, Task] = {
 DEFAULT_LAMBDAS = tuple(round(0.1 * i, 10) for i in range(11))
 
 
+def _model_paths(model_a: str | None, model_b: str | None, models: Sequence[str] | None) -> list[str]:
+    """The merge's model paths: ``models`` with ``model_a`` and ``model_b``, where given, as its first two (so a
+    config's ``models`` and the two-model flags combine); one clear error for fewer than two or a repeated one."""
+    paths = [str(path) for path in models or []]
+    for k, path in enumerate((model_a, model_b)):
+        if path is None:
+            continue
+        if k > len(paths):
+            raise ConfigError("model_b is given without model_a; give model_a too, or models: [A, B, ...]")
+        paths[k:k + 1] = [str(path)]
+    if len(paths) < 2:
+        raise ConfigError(f"a merge needs at least two models (models: [A, B, ...], or model_a and model_b), got "
+                          f"{len(paths)}: {paths}")
+    seen: dict[str, int] = {}
+    for k, path in enumerate(paths):
+        key = str(Path(path).resolve()) if Path(path).exists() else path
+        if key in seen:
+            raise ConfigError(f"models[{k}] repeats models[{seen[key]}] ({path}); give each model once")
+        seen[key] = k
+    return paths
+
+
 def get_task(name: str) -> Task:
     if name not in TASKS:
         raise UnknownNameError(f"unknown merge task {name!r}; known: {', '.join(TASKS)}")
@@ -60,30 +89,66 @@ def get_task(name: str) -> Task:
 
 
 class PairModule(pl.LightningModule):
-    """Models A and B of one architecture; validation runs both encoders on each batch (for feature hooks).
+    """The models of a merge, all of one architecture: A and B, or N ≥ 2 given as ``models``; validation runs every
+    model's base model on each batch (for feature hooks).
 
     Args:
         model_a: HF directory, our ``.ckpt`` or hub id of the reference model (keeps its neuron order).
-        model_b: the model that gets permuted into A's basis.
+        model_b: the model that gets aligned into A's basis.
         task: ``masked_lm``, ``causal_lm`` or ``sequence_classification``; the models' family (BERT, RoBERTa,
             DistilBERT, RoBERTa-PreLayerNorm, GPT-2) is read from their configs.
         allow_nonfinite: load models with NaN or infinite weights instead of refusing them (their curves will not
             be finite, and the merge stops at the first non-finite loss).
+        models: N ≥ 2 models, the first the reference; ``model_a`` and ``model_b``, where given, replace its first
+            two (``[A, B]`` is the same merge as ``model_a: A, model_b: B``).
     """
 
-    def __init__(self, model_a: str, model_b: str, task: str = "masked_lm", allow_nonfinite: bool = False) -> None:
+    def __init__(
+        self,
+        model_a: str | None = None,
+        model_b: str | None = None,
+        task: str = "masked_lm",
+        allow_nonfinite: bool = False,
+        models: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.model_paths = _model_paths(model_a, model_b, models)
         model_class = get_task(task).model_class
-        self.model_a = load_pretrained(model_a, model_class, allow_nonfinite).eval()
-        self.model_b = load_pretrained(model_b, model_class, allow_nonfinite).eval()
-        self.spec: PermutationSpec = spec_for_pair(self.model_a, self.model_b)
+        loaded = [load_pretrained(path, model_class, allow_nonfinite).eval() for path in self.model_paths]
+        self.model_a, self.model_b = loaded[:2]
+        self.more_models = nn.ModuleList(loaded[2:])
+        self.spec: PermutationSpec = self._shared_spec()
         self._check_vocab()
 
+    @property
+    def all_models(self) -> list[PreTrainedModel]:
+        """Every model, the reference (A) first."""
+        return [self.model_a, self.model_b, *self.more_models]
+
+    @property
+    def num_models(self) -> int:
+        return len(self.model_paths)
+
+    def _describe(self, k: int) -> str:
+        if self.num_models == 2:
+            return ("model_a", "model_b")[k]
+        return f"models[{k}] ({self.model_paths[k]})"
+
+    def _shared_spec(self) -> PermutationSpec:
+        if self.num_models == 2:
+            return spec_for_pair(self.model_a, self.model_b)
+        spec = spec_for_model(self.model_a)
+        for k, model in enumerate(self.all_models[1:], start=1):
+            spec.check_compatible(spec_for_model(model), f"{self._describe(0)} and {self._describe(k)}")
+        return spec
+
     def _check_vocab(self) -> None:
-        vocab_a, vocab_b = self.model_a.config.vocab_size, self.model_b.config.vocab_size
-        if vocab_a != vocab_b:
-            raise ArchitectureMismatch(f"model_a and model_b differ in vocab_size: {vocab_a} vs {vocab_b}")
+        vocab = self.model_a.config.vocab_size
+        for k, model in enumerate(self.all_models[1:], start=1):
+            if model.config.vocab_size != vocab:
+                raise ArchitectureMismatch(f"{self._describe(0)} and {self._describe(k)} differ in vocab_size: "
+                                           f"{vocab} vs {model.config.vocab_size}")
 
     def check_tokenizer(self, tokenizer: Any) -> None:
         """Raise `ArchitectureMismatch` unless ``tokenizer`` (if any) has the models' vocabulary size."""
@@ -96,8 +161,8 @@ class PairModule(pl.LightningModule):
     @torch.no_grad()
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         inputs = model_inputs(batch, self.spec.family)
-        self.model_a.base_model(**inputs)  # the hooks sit in the encoder; the heads are not needed for features
-        self.model_b.base_model(**inputs)
+        for model in self.all_models:
+            model.base_model(**inputs)  # the hooks sit in the base model; the heads are not needed for features
 
     def configure_optimizers(self) -> None:
         return None
@@ -131,17 +196,23 @@ class InterpolationModule(PairModule):
         task: see `PairModule`.
         lambdas: the interpolation grid; must contain 0 and 1 and stay within [0, 1].
         allow_nonfinite: see `PairModule`.
+        models: N ≥ 2 models instead of model_a and model_b (see `PairModule`). With N > 2 every method is
+            evaluated on every pair's line, at each model and the N-way average in its common basis, and for N = 3
+            on a triangle grid (`lightning_merge.merge.joint_curves`).
+        simplex_steps: divisions per edge of the N = 3 triangle grid (0: no grid).
     """
 
     def __init__(
         self,
-        model_a: str,
-        model_b: str,
+        model_a: str | None = None,
+        model_b: str | None = None,
         task: str = "masked_lm",
         lambdas: Sequence[float] = DEFAULT_LAMBDAS,
         allow_nonfinite: bool = False,
+        models: list[str] | None = None,
+        simplex_steps: int = 6,
     ) -> None:
-        super().__init__(model_a, model_b, task, allow_nonfinite)
+        super().__init__(model_a, model_b, task, allow_nonfinite, models)
         self.lambdas = [float(x) for x in lambdas]
         check_lambdas(self.lambdas)
         self.objective = get_task(task).objective_class(self.model_a)
@@ -149,7 +220,12 @@ class InterpolationModule(PairModule):
         self.curve_sums: CurveSums | None = None
         self.task_metrics = nn.ModuleList()
         self.results: dict | None = None
-        self._folded_states: tuple[torch.device, tuple[tuple, tuple]] | None = None
+        self._folded_states: tuple[torch.device, list[tuple]] | None = None
+        self.simplex_steps = simplex_steps
+        JointPlan([], self.num_models, self.lambdas, [], simplex_steps)  # a bad grid fails at construction
+        self.joint_alignments: dict[str, list[dict[str, Alignment]]] = {}  # N > 2: every model into model 0's basis
+        self.pair_alignments: dict[str, dict[Pair, dict[str, Alignment]]] = {}  # N > 2: pairwise methods' own fits
+        self.plan: JointPlan | None = None
 
     def set_methods(
         self,
@@ -165,35 +241,82 @@ class InterpolationModule(PairModule):
         for groups in alignments.values():
             check_alignments(self.spec, groups)  # a bad alignment fails here, before any curve point
         self.methods = {name: dict(groups) for name, groups in alignments.items()}
+        self.plan = None
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
         points = len(self.methods) * len(self.lambdas)
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
+
+    def set_joint_methods(
+        self,
+        joint: Mapping[str, Sequence[Mapping[str, Alignment]]],
+        pairwise: Mapping[str, Mapping[Pair, Mapping[str, Alignment]]],
+        task_metrics: torchmetrics.MetricCollection | None = None,
+    ) -> None:
+        """Methods of an N-model merge: name -> every model's alignment into model 0's basis (``joint``), and for
+        the methods fitted pair by pair, name -> (i, j) -> alignment of model j into model i's (``pairwise``)."""
+        if not joint:
+            raise ConfigError("no merge method to evaluate; pass at least one method")
+        for groups in [g for per_model in joint.values() for g in per_model] + [
+                g for per_pair in pairwise.values() for g in per_pair.values()]:
+            check_alignments(self.spec, groups)
+        self.joint_alignments = {name: [dict(g) for g in per_model] for name, per_model in joint.items()}
+        self.pair_alignments = {name: {pair: dict(g) for pair, g in per_pair.items()}
+                                for name, per_pair in pairwise.items()}
+        self.methods = {}
+        self.plan = JointPlan(list(joint), self.num_models, self.lambdas, pairwise, self.simplex_steps)
+        self.curve_sums = CurveSums(len(self.plan.points), 1).to(self.device)
+        self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in self.plan.points] if task_metrics else [])
+        self.task_metrics.to(self.device)
+
+    @property
+    def method_names(self) -> list[str]:
+        return list(self.methods) if self.plan is None else self.plan.methods
 
     def endpoints(self, method: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(θ_A, π(θ_B)) of ``method`` by parameter name, tied aliases included (sharing their source's tensor).
 
         A method whose alignment needs the LayerNorm gains folded into their readers (``res[orthogonal]``) gets
         both endpoints folded (`fold_layer_norms`: the same functions, with a tied reader untied)."""
+        state_a, aligned_b = self.aligned_states([{}, self.methods[method]], [0, 1])
+        return state_a, aligned_b
+
+    def aligned_states(
+        self, alignments: Sequence[Mapping[str, Alignment]], members: Sequence[int]
+    ) -> list[dict[str, Tensor]]:
+        """Model ``members[k]`` aligned by ``alignments[k]``, by parameter name (tied aliases included); all folded
+        if any alignment needs folded LayerNorms."""
         names = [name for name, _ in self.model_a.named_parameters(remove_duplicate=False)]
-        alignments = self.methods[method]
-        if needs_folded_norms(alignments):
-            (state_a, spec, _), (state_b, _, _) = self._folded()
+        if any(needs_folded_norms(groups) for groups in alignments):
+            folded = self._folded()
+            states, spec = [folded[k][0] for k in members], folded[0][1]
         else:
-            state_a, state_b, spec = self.model_a.state_dict(), self.model_b.state_dict(), self.spec
-        aligned_b = apply_alignments(state_b, spec, alignments)
-        return {name: state_a[name] for name in names}, {name: aligned_b[name] for name in names}
+            states, spec = [self.all_models[k].state_dict() for k in members], self.spec
+        out = []
+        for state, groups in zip(states, alignments):
+            aligned = apply_alignments(state, spec, groups) if groups else state
+            out.append({name: aligned[name] for name in names})
+        return out
+
+    def _method_alignments(self, method: str) -> list[Mapping[str, Alignment]]:
+        if self.plan is None:
+            return [{}, self.methods[method]]
+        return [*self.joint_alignments[method], *self.pair_alignments.get(method, {}).values()]
+
+    def folds(self, method: str) -> bool:
+        """Whether ``method``'s models are evaluated with their LayerNorm gains folded (`endpoints`)."""
+        return any(needs_folded_norms(groups) for groups in self._method_alignments(method))
 
     def untied(self, method: str) -> list[str]:
         """The weights ``method``'s endpoints untie from their tie source (see `endpoints`)."""
-        return untied_by_folding(self.spec) if needs_folded_norms(self.methods[method]) else []
+        return untied_by_folding(self.spec) if self.folds(method) else []
 
-    def _folded(self) -> tuple[tuple, tuple]:
-        """Both models folded, cached per device (Lightning moves the module between the statistics pass, the CPU
+    def _folded(self) -> list[tuple]:
+        """Every model folded, cached per device (Lightning moves the module between the statistics pass, the CPU
         and the test loop)."""
         device = next(self.model_a.parameters()).device
         if self._folded_states is None or self._folded_states[0] != device:
-            folded = tuple(fold_layer_norms(model.state_dict(), self.spec) for model in (self.model_a, self.model_b))
+            folded = [fold_layer_norms(model.state_dict(), self.spec) for model in self.all_models]
             self._folded_states = (device, folded)
         return self._folded_states[1]
 
@@ -206,12 +329,20 @@ class InterpolationModule(PairModule):
 
     def merged_model(self, method: str, lam: float) -> PreTrainedModel:
         """A copy of model A holding θ(λ) of ``method``; weights the method's endpoints untie are untied in it."""
+        return self._model_holding(self.interpolated(method, lam), self.untied(method))
+
+    def merged_average(self, method: str) -> PreTrainedModel:
+        """A copy of model A holding the uniform average of every model in ``method``'s common basis (N > 2)."""
+        states = self.aligned_states(self.joint_alignments[method], range(self.num_models))
+        return self._model_holding(combine_state_dicts(states, [1 / self.num_models] * self.num_models),
+                                   self.untied(method))
+
+    def _model_holding(self, params: Mapping[str, Tensor], untied: Sequence[str]) -> PreTrainedModel:
         merged = copy.deepcopy(self.model_a)  # keeps buffers and the decoder/embedding tie
-        untied = self.untied(method)
         if untied:
             merged.config.tie_word_embeddings = False
         with torch.no_grad():
-            for name, value in self.interpolated(method, lam).items():
+            for name, value in params.items():
                 if name in untied:
                     module, _, attribute = name.rpartition(".")
                     setattr(merged.get_submodule(module), attribute, nn.Parameter(value.detach().clone()))
@@ -232,27 +363,47 @@ class InterpolationModule(PairModule):
 
     @torch.no_grad()
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        if self.plan is not None:
+            self._joint_test_step(batch)
+            return
         for m, method in enumerate(self.methods):
             endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
-                self._evaluate_point(m, i, self.interpolated(method, lam, endpoints), batch)
+                self._evaluate_point(m, i, self.interpolated(method, lam, endpoints), batch, m * len(self.lambdas) + i)
 
-    def _evaluate_point(self, m: int, i: int, params: dict[str, Tensor], batch: dict[str, Tensor]) -> None:
+    def _joint_test_step(self, batch: dict[str, Tensor]) -> None:
+        for method in self.plan.methods:
+            bases: dict[Pair | None, list[dict[str, Tensor]]] = {}  # once per batch and method
+            for index, point in self.plan.points_of(method):
+                if point.basis not in bases:
+                    bases[point.basis] = self._basis(method, point.basis)
+                self._evaluate_point(index, 0, combine_state_dicts(bases[point.basis], point.weights), batch, index)
+
+    def _basis(self, method: str, basis: Pair | None) -> list[dict[str, Tensor]]:
+        if basis is None:
+            return self.aligned_states(self.joint_alignments[method], range(self.num_models))
+        return self.aligned_states([{}, self.pair_alignments[method][basis]], basis)
+
+    def _evaluate_point(self, row: int, column: int, params: dict[str, Tensor], batch: dict[str, Tensor],
+                        metric_index: int) -> None:
         # its own frame: one point's parameters are freed before the next point's are built. Every parameter name
         # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
         state = {f"model.{k}": v for k, v in params.items()}
         output = functional_call(self.objective, state, (batch,), tie_weights=False)
-        self.curve_sums.update(m, i, output[0], output[1])
+        self.curve_sums.update(row, column, output[0], output[1])
         if self.task_metrics:
-            self._update_task_metric(m * len(self.lambdas) + i, output[2], batch["labels"])
+            self._update_task_metric(metric_index, output[2], batch["labels"])
 
     def _update_task_metric(self, index: int, logits: Tensor, labels: Tensor) -> None:
         preds = logits.squeeze(-1) if logits.shape[-1] == 1 else logits.argmax(-1)
         self.task_metrics[index].update(preds, labels)
 
     def on_test_epoch_end(self) -> None:
-        losses = self.curve_sums.compute().cpu()  # (M, L), already reduced over ranks
+        losses = self.curve_sums.compute().cpu()  # (M, L) or (points, 1), already reduced over ranks
         self._check_finite(losses)
+        if self.plan is not None:
+            self._joint_results(losses[:, 0])
+            return
         curves: dict[str, dict[str, list[float]]] = {}
         barriers: dict[str, dict[str, float]] = {}
         for m, method in enumerate(self.methods):
@@ -263,14 +414,31 @@ class InterpolationModule(PairModule):
             self._log_curve(method, curves[method], barriers[method])
         self.results = {"lambdas": self.lambdas, "curves": curves, "barriers": barriers}
 
+    def _joint_results(self, losses: Tensor) -> None:
+        metrics = None
+        if self.task_metrics:
+            metrics = [{name: float(v) for name, v in point.compute().items()} for point in self.task_metrics]
+            for point in self.task_metrics:
+                point.reset()
+        self.results = {**self.plan.results(losses.tolist(), metrics), "models": self.model_paths}
+        for method in self.plan.methods:
+            for pair, figures in self.results["barriers"][method].items():
+                self.log(f"test/barrier/{method}/{pair}", figures["barrier"], rank_zero_only=True)
+            for key, value in self.results["average"][method].items():
+                self.log(f"test/average/{method}/{key}", value, rank_zero_only=True)
+
     def _check_finite(self, losses: Tensor) -> None:
         """Stop at the first non-finite loss, naming the method and λ (nothing has been written yet)."""
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             m, i = bad[0].tolist()
-            method, lam = list(self.methods)[m], self.lambdas[i]
+            if self.plan is not None:
+                point = self.plan.points[m]
+                method, where = point.method, "weights " + ", ".join(f"{w:g}" for w in point.weights)
+            else:
+                method, where = list(self.methods)[m], f"lambda={self.lambdas[i]:g}"
             raise DataError(
-                f"the loss of method {method!r} at lambda={lam:g} is {losses[m, i].item()}: the models or their "
+                f"the loss of method {method!r} at {where} is {losses[m, i].item()}: the models or their "
                 "alignment hold non-finite values (loaded with allow_nonfinite?) or the evaluation overflowed"
             )
 

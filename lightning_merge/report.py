@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,16 @@ MERGE_COMPLETE = ".merge_complete.json"  # written last: a run dir without it ho
 
 # curves: method -> metric name -> values along the λ grid, e.g. {"vanilla": {"loss": [...], "accuracy": [...]}}
 Curves = Mapping[str, Mapping[str, Sequence[float]]]
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
 
 
 def curves_csv(lambdas: Sequence[float], curves: Curves) -> str:
@@ -116,11 +127,9 @@ def write_joint_report(run_dir: Path, results: Mapping[str, Any]) -> str:
 def joint_summary(results: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Per method: barrier mean ± s.e. over pairs, each pair's barrier, the N-way average's loss against the mean
     endpoint loss, the cycle-consistency error of its pairwise alignments, and whether it keeps every model."""
-    from lightning_merge.merge.joint_curves import summarise
-
     out = {}
     for method, per_pair in results["barriers"].items():
-        mean, error = summarise(per_pair)
+        mean, error = mean_se([figures["barrier"] for figures in per_pair.values()])
         average = results["average"][method]
         row: dict[str, Any] = {"barrier_mean": mean, "barrier_se": error}
         row.update({f"barrier_{pair}": figures["barrier"] for pair, figures in per_pair.items()})

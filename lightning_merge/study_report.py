@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_file, atomic_write_text
-from lightning_merge.report import new_plot, save_plot
+from lightning_merge.report import mean_se, new_plot, save_plot
 
 # Table 1: attention variants (with FF), Table 2: residual variants; rows are (label, method name).
 ATTENTION_ROWS = (
@@ -45,16 +44,6 @@ LOSS_DESCRIPTIONS = {
     "MLM": "masked-token cross-entropy on fixed validation masks",
     "CLM": "next-token cross-entropy on every validation token after a block's first",
 }
-
-
-def mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error of the mean (0 for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(variance / n)
 
 
 def _fmt(values: Sequence[float], digits: int = 3) -> str:
@@ -160,14 +149,12 @@ def joint_table(results: dict, pairs: dict[str, dict], label: str) -> str:
     """The N-model merge: per method, its barrier over every pair after the joint alignment (beside the same pairs'
     barrier when the pair is fitted alone, from the pairwise merges), the N-way average's loss over the mean
     endpoint loss, and the cycle-consistency error of its pairwise alignments."""
-    from lightning_merge.merge.joint_curves import summarise
-
     n = results["num_models"]
     lines = [f"### {n} models merged at once ({label})", "",
              f"| method | pair barrier (joint alignment) | pair barrier (fitted per pair) | {n}-way average loss | "
              "mean endpoint loss | increase | cycle-consistency error |", "|---|---:|---:|---:|---:|---:|---:|"]
     for method, per_pair in results["barriers"].items():
-        mean, se = summarise(per_pair)
+        mean, se = mean_se([figures["barrier"] for figures in per_pair.values()])
         alone = _column(pairs, method, "barrier")
         average = results["average"][method]
         cycle = results.get("cycle_consistency_error", {}).get(method)

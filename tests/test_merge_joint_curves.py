@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from lightning_merge.errors import ConfigError
-from lightning_merge.merge.joint_curves import JointPlan, summarise
+from lightning_merge.merge.joint_curves import JointPlan
+from lightning_merge.report import mean_se
 
 
 def test_every_method_gets_every_pair_each_model_the_average_and_for_three_a_triangle():
@@ -36,7 +37,7 @@ def test_results_report_barriers_per_pair_and_the_average_against_the_mean_endpo
     assert results["barriers"]["m"]["1-2"]["barrier"] == pytest.approx(5.0 - 2.5)
     assert results["average"]["m"] == pytest.approx({"loss": 4.0, "mean_endpoint_loss": 2.0, "loss_increase": 2.0})
     assert len(results["simplex"]["m"]["loss"]) == 6 and results["simplex"]["m"]["loss"][:3] == [1.0, 2.0, 3.0]
-    mean, error = summarise(results["barriers"]["m"])
+    mean, error = mean_se([figures["barrier"] for figures in results["barriers"]["m"].values()])
     assert mean == pytest.approx((8.5 + 3.0 + 2.5) / 3) and error > 0
 
 

@@ -272,10 +272,8 @@ def collect_statistics(
     Returns:
         The accumulated statistics.
     """
-    statistics = MergeStatistics(spec, groups, device=device or next(model_a.parameters()).device, products=products)
-    pair = JointStatistics.from_pairs({(0, 1): statistics}, 2)
-    _run_statistics_pass((model_a, model_b), batches, spec, pair, exclude_special_tokens)
-    return statistics
+    pair = (model_a, model_b)
+    return collect_joint_statistics(pair, batches, spec, groups, device, exclude_special_tokens, products).pair(0, 1)
 
 
 @torch.no_grad()
@@ -290,24 +288,17 @@ def collect_joint_statistics(
 ) -> JointStatistics:
     """`collect_statistics` for N ≥ 2 models: every pair's statistics from one pass over ``batches``."""
     statistics = JointStatistics(spec, len(models), groups, device or next(models[0].parameters()).device, products)
-    _run_statistics_pass(models, batches, spec, statistics, exclude_special_tokens)
-    return statistics
-
-
-def _run_statistics_pass(
-    models: Sequence[torch.nn.Module], batches: Iterable[Mapping[str, torch.Tensor]], spec: PermutationSpec,
-    statistics: JointStatistics, exclude_special: bool,
-) -> None:
     runners = [_feature_model(model, spec, statistics.groups) for model in models]
     with StatisticsRecorder(models, statistics) as recorder:
         for batch in batches:
-            recorder.begin_batch(*_token_masks(batch, exclude_special))
+            recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
             inputs = model_inputs(batch, spec.family) if spec.family else {
                 k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
             for k, (model, run) in enumerate(zip(models, runners)):
                 if all(model is not earlier for earlier in models[:k]):  # one model twice: its hooks all fire at once
                     run(**_to(inputs, model))
             recorder.end_batch()
+    return statistics
 
 
 _NOT_MODEL_INPUTS = ("special_tokens_mask", "labels")

@@ -7,7 +7,7 @@ embeddings) stay one tensor in the result, and `load_state_dict_tied` checks the
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -70,13 +70,19 @@ def combine_state_dicts(states: Sequence[StateDict], weights: Sequence[float]) -
     first = chosen[0][0]
     for state, _ in chosen[1:]:
         _check_same_keys(first, state)
-    ties = find_ties(first)
+    return _map_floats(first, lambda name, value: sum(w * state[name].to(value.device) for state, w in chosen))
+
+
+def _map_floats(reference: StateDict, combine: Callable[[str, torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``combine(name, tensor)`` for every floating entry of ``reference`` in its key order; its other entries as
+    they are, and its tied entries sharing one tensor."""
+    ties = find_ties(reference)
     out: dict[str, torch.Tensor] = {}
-    for name, value in first.items():
+    for name, value in reference.items():
         if name in ties:
             out[name] = out[ties[name]]
         elif torch.is_floating_point(value):
-            out[name] = sum(weight * state[name].to(value.device) for state, weight in chosen)
+            out[name] = combine(name, value)
         else:
             out[name] = value
     return out
@@ -97,16 +103,7 @@ def interpolate_state_dicts(sd_a: StateDict, sd_b: StateDict, lam: float) -> dic
         ArchitectureMismatch: the key sets or shapes differ.
     """
     _check_same_keys(sd_a, sd_b)
-    ties = find_ties(sd_a)
-    out: dict[str, torch.Tensor] = {}
-    for name, a in sd_a.items():
-        if name in ties:
-            out[name] = out[ties[name]]
-        elif torch.is_floating_point(a):
-            out[name] = _lerp(a, sd_b[name].to(a.device), lam)
-        else:
-            out[name] = a
-    return out
+    return _map_floats(sd_a, lambda name, a: _lerp(a, sd_b[name].to(a.device), lam))
 
 
 def load_state_dict_tied(model: torch.nn.Module, state_dict: StateDict) -> None:

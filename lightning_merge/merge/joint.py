@@ -25,7 +25,7 @@ from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import Permutation, apply_alignments
 from lightning_merge.merge.permute import invert_permutation
 from lightning_merge.merge.spec import PermutationSpec
-from lightning_merge.merge.stats import inverse_live_std
+from lightning_merge.merge.stats import inverse_live_std, normalise_covariance
 from lightning_merge.merge.weight_matching import weight_matching
 
 StateDict = Mapping[str, torch.Tensor]
@@ -94,13 +94,18 @@ def pairwise_from_joint(joint: Sequence[Alignments]) -> dict[tuple[int, int], Al
     out = {}
     for i, into_i in enumerate(joint):
         for j in range(i + 1, len(joint)):
-            out[(i, j)] = {g: Permutation(joint[j][g].perm[invert_permutation(into_i[g].perm)]) for g in into_i}
+            out[(i, j)] = {g: Permutation(_rebased(joint[j][g].perm, into_i[g].perm)) for g in into_i}
     return out
 
 
+def _rebased(perm: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """A permutation into a common basis re-expressed into the basis of the model ``base`` maps there: into the
+    common basis by ``perm``, then out of it by the inverse of ``base``."""
+    return perm[invert_permutation(base)]
+
+
 def _into_first_basis(alignments: Alignments, first: Alignments) -> Alignments:
-    # into the common basis by ``alignments``, then out of it into model 0's by the inverse of model 0's own
-    return {g: Permutation(p.perm[invert_permutation(first[g].perm)]) for g, p in alignments.items()}
+    return {g: Permutation(_rebased(p.perm, first[g].perm)) for g, p in alignments.items()}
 
 
 def _identity(spec: PermutationSpec) -> Alignments:
@@ -127,34 +132,33 @@ Matcher = Callable[[torch.Tensor], torch.Tensor]
 
 def correlations(moments: Moments) -> dict[tuple[int, int], torch.Tensor]:
     """Pearson correlation of every pair (rows: model i's features), dead features 0; the moments are kept."""
-    out = {}
-    for pair, (covariance, var_i, var_j, meansq_i, meansq_j) in moments.items():
-        inverse_i, inverse_j = inverse_live_std(var_i, meansq_i), inverse_live_std(var_j, meansq_j)
-        out[pair] = (covariance * inverse_i[:, None] * inverse_j[None, :]).nan_to_num_(0.0).clamp_(-1.0, 1.0)
-    return out
+    return {pair: normalise_covariance(covariance.clone(), *rest) for pair, (covariance, *rest) in moments.items()}
 
 
 def to_reference_by_activations(moments: Moments, num_models: int, matcher: Matcher) -> list[torch.Tensor]:
     """Each model's permutation into model 0's basis, matched to model 0 alone (identity for model 0)."""
-    corr = correlations(moments)
-    size = corr[(0, 1)].shape[0]
-    return [torch.arange(size), *(matcher(corr[(0, j)]) for j in range(1, num_models))]
+    return _to_reference(correlations(moments), num_models, matcher)
+
+
+def _to_reference(
+    corr: Mapping[tuple[int, int], torch.Tensor], num_models: int, matcher: Matcher
+) -> list[torch.Tensor]:
+    return [torch.arange(corr[(0, 1)].shape[0]), *(matcher(corr[(0, j)]) for j in range(1, num_models))]
 
 
 def merge_many_by_activations(
     moments: Moments, num_models: int, matcher: Matcher, max_rounds: int = 50, seed: int = 0
-) -> tuple[list[torch.Tensor], int]:
+) -> list[torch.Tensor]:
     """MergeMany with activations: each model in turn matched to the mean of the others' aligned features.
 
     The correlation of model i's features with the mean of the others' permuted features comes from the pairwise
     moments re-indexed by the current permutations (the sums of permuted features are the permuted sums), so no
     second statistics pass is needed. Starts from `to_reference_by_activations`; stops when a whole round changes no
-    permutation. Returns the permutations into model 0's basis and the number of rounds run.
+    permutation. Returns the permutations into model 0's basis.
     """
     perms = to_reference_by_activations(moments, num_models, matcher)
     generator = torch.Generator().manual_seed(seed)
-    rounds = 0
-    for rounds in range(1, max_rounds + 1):
+    for _ in range(max_rounds):
         changed = False
         for i in torch.randperm(num_models, generator=generator).tolist():
             found = matcher(_correlation_with_mean_of_others(moments, num_models, perms, i))
@@ -162,12 +166,12 @@ def merge_many_by_activations(
             perms[i] = found
         if not changed:
             break
-    return _into_first(perms), rounds
+    return _into_first(perms)
 
 
 def cycle_consistent_by_activations(
     moments: Moments, num_models: int, matcher: Matcher, max_iterations: int = 100, tolerance: float = 1e-6
-) -> tuple[list[torch.Tensor], int]:
+) -> list[torch.Tensor]:
     """C2M3's synchronised matching (Crisostomi et al. 2024) with activation correlations in place of weights.
 
     Every model i gets a map P_i into a shared universe; pair (i, j) is aligned by P_iᵀ P_j, so all pairwise
@@ -176,12 +180,11 @@ def cycle_consistent_by_activations(
     group's matcher on each gradient, the step size the exact maximiser of the quadratic along the step; it starts
     from `to_reference_by_activations` and stops when the Frank-Wolfe gap falls below ``tolerance`` (relative) or
     no step improves. Each P_i is then projected onto its nearest permutation. Returns the permutations into model
-    0's basis and the number of iterations run.
+    0's basis.
     """
     corr = correlations(moments)
-    maps = [_one_hot(perm) for perm in to_reference_by_activations(moments, num_models, matcher)]
-    iterations = 0
-    for iterations in range(1, max_iterations + 1):
+    maps = [_one_hot(perm) for perm in _to_reference(corr, num_models, matcher)]
+    for _ in range(max_iterations):
         gradients = [sum(maps[j] @ _rows_of(corr, j, i) for j in range(num_models) if j != i)
                      for i in range(num_models)]
         steps = [_one_hot(matcher(gradient)) - current for gradient, current in zip(gradients, maps)]
@@ -193,7 +196,7 @@ def cycle_consistent_by_activations(
         if size <= 0:
             break
         maps = [current + size * step for current, step in zip(maps, steps)]
-    return _into_first([matcher(current) for current in maps]), iterations
+    return _into_first([matcher(current) for current in maps])
 
 
 def _synchronised_objective(corr: Mapping[tuple[int, int], torch.Tensor], maps: Sequence[torch.Tensor]) -> float:
@@ -224,11 +227,10 @@ def _correlation_with_mean_of_others(
     """corr(mean over j ≠ i of x_j[perm_j[k]], x_i[f]) for every position k and feature f of model i."""
     others = [j for j in range(num_models) if j != i]
     cross = sum(_covariance_rows_of(moments, j, i)[perms[j]] for j in others)
-    variance = sum(_variance_of(moments, j)[0][perms[j]] for j in others)
-    variance = variance + sum(_covariance_rows_of(moments, j, k)[perms[j], perms[k]]
-                              for j in others for k in others if j != k)
-    scale = sum(_variance_of(moments, j)[0][perms[j]] for j in others)
-    inverse_mean = torch.where(variance > 1e-12 * scale, variance.clamp_min(1e-300).rsqrt(), 0.0)
+    own = sum(_variance_of(moments, j)[0][perms[j]] for j in others)  # the j = k terms of the mean's variance
+    variance = own + sum(_covariance_rows_of(moments, j, k)[perms[j], perms[k]]
+                         for j in others for k in others if j != k)
+    inverse_mean = torch.where(variance > 1e-12 * own, variance.clamp_min(1e-300).rsqrt(), 0.0)
     inverse_i = inverse_live_std(*_variance_of(moments, i))
     return (cross * inverse_mean[:, None] * inverse_i[None, :]).nan_to_num_(0.0)
 
@@ -242,5 +244,4 @@ def _one_hot(perm: torch.Tensor) -> torch.Tensor:
 
 def _into_first(perms: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Permutations into a common basis, re-expressed into model 0's (model 0's own becomes the identity)."""
-    inverse_first = invert_permutation(perms[0])
-    return [perm[inverse_first] for perm in perms]
+    return [_rebased(perm, perms[0]) for perm in perms]

@@ -12,7 +12,6 @@ Every method gets, on the same evaluation data:
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,8 +51,7 @@ class JointPlan:
         self, methods: Sequence[str], num_models: int, lambdas: Sequence[float], pairwise: Iterable[str],
         simplex_steps: int = 0,
     ) -> None:
-        if simplex_steps < 0:
-            raise ConfigError(f"simplex_steps={simplex_steps} must be 0 (no grid) or more")
+        check_simplex_steps(simplex_steps)
         self.methods, self.num_models, self.lambdas = list(methods), num_models, list(lambdas)
         self.pairwise, self.simplex_steps = set(pairwise), simplex_steps if num_models == 3 else 0
         self.pairs: list[Pair] = list(itertools.combinations(range(num_models), 2))
@@ -137,14 +135,9 @@ class JointPlan:
         return {"weights": [[c / steps for c in point] for point in counts], "loss": losses}
 
 
-def summarise(barriers: Mapping[str, Mapping[str, float]]) -> tuple[float, float]:
-    """Mean and standard error of the barrier over pairs."""
-    values = [figures["barrier"] for figures in barriers.values()]
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    variance = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
-    return mean, math.sqrt(variance / len(values))
+def check_simplex_steps(steps: int) -> None:
+    if steps < 0:
+        raise ConfigError(f"simplex_steps={steps} must be 0 (no grid) or more")
 
 
 def _on_edge(num_models: int, pair: Pair, lam: float) -> list[float]:

@@ -218,7 +218,7 @@ class _ActivationJointMethod(JointMethod):
         return spec.groups_of_kind(self.variants) if STATISTICS in self.needs else []
 
     def _fit_groups(
-        self, inputs: JointInputs, solve: Callable[[Any, int, Matcher], tuple[list[torch.Tensor], int]]
+        self, inputs: JointInputs, solve: Callable[[Any, int, Matcher], list[torch.Tensor]]
     ) -> list[dict[str, Alignment]]:
         statistics = inputs.statistics
         out: list[dict[str, Alignment]] = [{} for _ in range(inputs.num_models)]
@@ -226,7 +226,7 @@ class _ActivationJointMethod(JointMethod):
             group = inputs.spec.groups[name]
             how = JOINT_MATCHERS[group.kind][self.variants[group.kind]]
             moments = {pair: stats.moments(name, how.points) for pair, stats in statistics.pairs.items()}
-            perms, _ = solve(moments, inputs.num_models, how.matcher(group))
+            perms = solve(moments, inputs.num_models, how.matcher(group))
             for alignments, perm in zip(out, perms):
                 alignments[name] = Permutation(perm)
         return out

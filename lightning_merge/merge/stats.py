@@ -194,7 +194,13 @@ def correlation_from_moments(moments: Iterable[tuple[torch.Tensor, ...]]) -> tor
     With one point this is its Pearson correlation; with several it is the paper's residual "all" (covariances
     averaged over points, then normalised). The moments are consumed (`average_moments`).
     """
-    covariance, var_a, var_b, meansq_a, meansq_b = average_moments(moments)
+    return normalise_covariance(*average_moments(moments))
+
+
+def normalise_covariance(
+    covariance: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor, meansq_a: torch.Tensor, meansq_b: torch.Tensor
+) -> torch.Tensor:
+    """The correlation from one set of moments, computed in ``covariance`` (in place); dead features give 0."""
     inverse_std_a = inverse_live_std(var_a, meansq_a)
     inverse_std_b = inverse_live_std(var_b, meansq_b)
     covariance[inverse_std_a == 0] = 0.0  # a non-finite feature's covariances are NaN, and NaN x 0 stays NaN

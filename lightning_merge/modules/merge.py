@@ -36,7 +36,7 @@ from lightning_merge.merge.interpolate import (
     interpolate_state_dicts,
     loss_barrier,
 )
-from lightning_merge.merge.joint_curves import JointPlan, Pair
+from lightning_merge.merge.joint_curves import JointPlan, Pair, check_simplex_steps
 from lightning_merge.merge.spec import PermutationSpec, spec_for_model, spec_for_pair
 from lightning_merge.models import load_pretrained
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
@@ -222,7 +222,7 @@ class InterpolationModule(PairModule):
         self.results: dict | None = None
         self._folded_states: tuple[torch.device, list[tuple]] | None = None
         self.simplex_steps = simplex_steps
-        JointPlan([], self.num_models, self.lambdas, [], simplex_steps)  # a bad grid fails at construction
+        check_simplex_steps(simplex_steps)  # a bad grid fails at construction, not after the statistics pass
         self.joint_alignments: dict[str, list[dict[str, Alignment]]] = {}  # N > 2: every model into model 0's basis
         self.pair_alignments: dict[str, dict[Pair, dict[str, Alignment]]] = {}  # N > 2: pairwise methods' own fits
         self.plan: JointPlan | None = None

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from lightning_merge.errors import DataError
 from lightning_merge.io import atomic_dir
-from lightning_merge.merge.features import StatisticsRecorder
+from lightning_merge.merge.features import StatisticsRecorder, needs_heads
 from lightning_merge.merge.stats import STATISTICS_DTYPE, JointStatistics, MergeStatistics, product_dtype
 
 
@@ -53,6 +53,7 @@ class MergeCallback(pl.Callback):
         features: the feature sets to record (names in the spec's ``points``: what the methods declare they read).
         special_token_ids: token ids to leave out of the statistics (the paper keeps special tokens: None).
         statistics_dtype: ``float32`` (default) or ``float64``: the dtype of the per-block products (sums stay float64).
+        own_features: feature sets of which each model's statistics against itself are kept too (Gram matrices).
     """
 
     def __init__(
@@ -60,8 +61,10 @@ class MergeCallback(pl.Callback):
         features: Sequence[str],
         special_token_ids: Sequence[int] | None = None,
         statistics_dtype: str = STATISTICS_DTYPE,
+        own_features: Sequence[str] = (),
     ) -> None:
         self.features = list(features)
+        self.own_features = list(own_features)
         self.statistics_dtype = statistics_dtype
         product_dtype(statistics_dtype)  # an unknown name fails here, before the pass
         self.special_token_ids = list(special_token_ids) if special_token_ids else None
@@ -76,7 +79,8 @@ class MergeCallback(pl.Callback):
         self._start = time.perf_counter()
         models = pl_module.all_models
         self._joint = JointStatistics(pl_module.spec, len(models), self.features, pl_module.device,
-                                      self.statistics_dtype)
+                                      self.statistics_dtype, self.own_features)
+        pl_module.statistics_run_heads = needs_heads(pl_module.spec, [*self.features, *self.own_features])
         # a pair merge's methods read one pair's statistics; a merge of N > 2 models reads every pair's
         self.statistics = self._joint.pair(0, 1) if len(models) == 2 else self._joint
         self._recorder = StatisticsRecorder(models, self._joint)

@@ -88,17 +88,55 @@ def save_plot(figure: Any, axis: Any, path: Path) -> Path:
     return path
 
 
+def compare_midpoints(barriers: Mapping[str, dict[str, Any]], alignments: Sequence[str]) -> str | None:
+    """Add to every method's figures its merged model's loss against vanilla's (``midpoint_loss_vs_vanilla``) and
+    against the best of ``alignments`` (function-preserving alignments on the straight line:
+    ``midpoint_loss_vs_best_alignment``), where those were evaluated; return that best alignment's name."""
+    def loss(method: str) -> float:
+        return barriers[method]["midpoint_loss"]
+
+    straight = [method for method in alignments if method in barriers]
+    best = min(straight, key=loss) if straight else None
+    for figures in barriers.values():
+        if "vanilla" in barriers:
+            figures["midpoint_loss_vs_vanilla"] = figures["midpoint_loss"] - loss("vanilla")
+        if best is not None:
+            figures["midpoint_loss_vs_best_alignment"] = figures["midpoint_loss"] - loss(best)
+    return best
+
+
+def plot_merged(path: Path, barriers: Mapping[str, Mapping[str, Any]], endpoints: Mapping[str, Sequence[float]],
+                metric: str = "loss") -> Path:
+    """Each method's merged model (λ = ½) as a bar of ``metric``, with models A and B and their mean as lines."""
+    figure, axis = new_plot()
+    methods = [m for m in barriers if f"midpoint_{metric}" in barriers[m]]
+    axis.barh(methods, [barriers[m][f"midpoint_{metric}"] for m in methods], color="tab:blue", alpha=0.7)
+    for value, label, style in ((endpoints[metric][0], "model A", ":"), (endpoints[metric][1], "model B", "--"),
+                                (sum(endpoints[metric]) / 2, "mean of A and B", "-")):
+        axis.axvline(value, color="black", linestyle=style, label=label)
+    low = min([*endpoints[metric], *(barriers[m][f"midpoint_{metric}"] for m in methods)])
+    axis.set_xlim(left=low - 0.05 * abs(low))
+    axis.set(xlabel=f"{metric} of the merged model (λ = ½)")
+    axis.invert_yaxis()
+    return save_plot(figure, axis, path)
+
+
 def write_report(
     run_dir: Path,
     lambdas: Sequence[float],
     curves: Curves,
     barriers: Mapping[str, Mapping],
     columns: Sequence[str] | None = None,
+    endpoints: Mapping[str, Sequence[float]] | None = None,
 ) -> str:
-    """Write curves.csv, barriers.json and barrier.png into ``run_dir``; return the markdown table of ``columns``."""
+    """Write curves.csv, barriers.json and barrier.png (and with ``endpoints``, models A's and B's own figures,
+    merged.png: every method's merged model against them) into ``run_dir``; return the markdown table of
+    ``columns``."""
     atomic_write_text(run_dir / "curves.csv", curves_csv(lambdas, curves))
     atomic_write_text(run_dir / "barriers.json", json.dumps(barriers, indent=2, sort_keys=False) + "\n")
     plot_curves(run_dir / "barrier.png", lambdas, curves)
+    if endpoints is not None:
+        plot_merged(run_dir / "merged.png", barriers, endpoints)
     if columns is not None:
         present = {key for figures in barriers.values() for key in figures}
         columns = [c for c in columns if c in present]

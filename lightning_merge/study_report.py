@@ -145,6 +145,35 @@ def plot_mean_curves(path: Path, pairs: dict[str, dict], methods: Sequence[str],
     save_plot(figure, axis, path)
 
 
+def merged_table(mlm: dict[str, dict], task_pairs: dict[str, dict[str, dict]], label: str) -> str:
+    """The merged model (λ = ½) of every method against its endpoints: the language model's loss and its excess
+    over the endpoints' mean, and each task's metrics (mean ± s.e. over pairs); first row the endpoints' mean."""
+    tasks = {task: _task_metric_names(pairs) for task, pairs in task_pairs.items()}
+    header = [f"{label} loss", "excess over endpoints"] + [f"{task} {m}" for task, names in tasks.items()
+                                                            for m in names]
+    lines = [f"### The merged model (λ = ½) of every method ({label} and fine-tuned pairs)", "",
+             "| method | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    sources = {label: mlm, **task_pairs}
+    endpoint_cells = [_fmt(_endpoint_means(mlm, "loss")), "0"] + [
+        _fmt(_endpoint_means(task_pairs[task], m)) for task, names in tasks.items() for m in names]
+    lines.append("| endpoints (mean of A and B) | " + " | ".join(endpoint_cells) + " |")
+    methods = list(dict.fromkeys(m for pairs in sources.values() for m in _methods(pairs)))
+    for method in methods:
+        cells = [_fmt(_column(mlm, method, "midpoint_loss")), _fmt(_column(mlm, method, "midpoint_excess"))] + [
+            _fmt(_column(task_pairs[task], method, f"midpoint_{m}")) for task, names in tasks.items() for m in names]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _task_metric_names(pairs: dict[str, dict]) -> list[str]:
+    names = [name for r in pairs.values() for name in r.get("endpoints", {}) if name != "loss"]
+    return list(dict.fromkeys(names))
+
+
+def _endpoint_means(pairs: dict[str, dict], metric: str) -> list[float]:
+    return [sum(r["endpoints"][metric]) / 2 for r in pairs.values() if metric in r.get("endpoints", {})]
+
+
 def joint_table(results: dict, pairs: dict[str, dict], label: str) -> str:
     """The N-model merge: per method, its barrier over every pair after the joint alignment (beside the same pairs'
     barrier when the pair is fitted alone, from the pairwise merges), the N-way average's loss over the mean
@@ -191,6 +220,7 @@ def write_study_report(
     sections.append(all_methods_table(mlm, f"Every method ({label}), beyond the paper's"))
     for task, pairs in task_pairs.items():
         sections.append(all_methods_table(pairs, f"Every method ({task})", primary_metric(pairs)))
+    sections.append(merged_table(mlm, task_pairs, label))
     if joint:
         path = root / "merge" / "mlm_joint" / "results.json"
         if not path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from lightning_merge.io import (
 )
 from lightning_merge.memory import release_freed_memory
 from lightning_merge.merge.alignment import save_alignments
+from lightning_merge.merge.features import feature_moments
 from lightning_merge.merge.joint import cycle_consistency_error, pairwise_from_joint
 from lightning_merge.merge.joint_methods import (
     JointInputs,
@@ -38,13 +40,13 @@ from lightning_merge.merge.joint_methods import (
     permutations_only,
     with_identities,
 )
-from lightning_merge.merge.method import LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
+from lightning_merge.merge.method import ACTIVATIONS, LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import STATISTICS_DTYPE, product_dtype
 from lightning_merge.models import check_checkpoint, check_finite
 from lightning_merge.modules.learning import AlignmentLearningModule
 from lightning_merge.modules.merge import InterpolationModule
-from lightning_merge.report import MERGE_COMPLETE, write_joint_report, write_report
+from lightning_merge.report import MERGE_COMPLETE, compare_midpoints, write_joint_report, write_report
 
 # The paper's comparisons: FF alone, FF+attention per attention variant, residual per variant, the full method.
 DEFAULT_METHODS: tuple[str, ...] = (
@@ -182,8 +184,10 @@ class MergeTrainer(pl.Trainer):
             model, datamodule, statistics_loader, chosen, exclude_special_tokens, statistics_dtype, timings
         )
         if model.num_models == 2:
-            alignments = self._fit_alignments(model, chosen, inputs, timings)
-            model.set_methods(alignments, _task_metrics(datamodule))
+            paths: dict[str, Any] = {}
+            references: dict[str, Any] = {}
+            alignments = self._fit_alignments(model, chosen, inputs, timings, paths, references)
+            model.set_methods(alignments, _task_metrics(datamodule), paths, references)
         else:
             joint, pairwise = self._fit_joint_alignments(chosen, inputs, timings)
             model.set_joint_methods(joint, pairwise, _task_metrics(datamodule))
@@ -199,6 +203,9 @@ class MergeTrainer(pl.Trainer):
         if model.num_models == 2:
             for name, figures in model.results["barriers"].items():
                 figures["function_preserving"] = descriptions[name]["function_preserving"]
+            straight = [name for name, method in chosen.items()
+                        if method.needs and method.function_preserving and not method.changes_path]
+            model.results["best_alignment"] = compare_midpoints(model.results["barriers"], straight)
         else:
             for name, figures in model.results["average"].items():
                 figures["function_preserving"] = descriptions[name]["function_preserving"]
@@ -216,6 +223,10 @@ class MergeTrainer(pl.Trainer):
             raise ConfigError(f"method {learners[0]!r} trains on one pair of models; with {num_models} models use "
                               "pairwise methods that need no training or a joint method (to_reference, merge_many, "
                               "cycle_consistent)")
+        paths = [name for name, method in chosen.items() if method.changes_path]
+        if num_models > 2 and paths:
+            raise ConfigError(f"method {paths[0]!r} changes the path between a pair of models; with {num_models} "
+                              "models use alignments (e.g. ff+attn+res, ot, merge_many), or merge pairs")
         if export_method is not None and export_method not in names:
             raise ConfigError(f"export_method {export_method!r} is not among the methods: {', '.join(names)}")
         if (run_dir / MERGE_COMPLETE).exists() and not overwrite:
@@ -249,19 +260,27 @@ class MergeTrainer(pl.Trainer):
             _training_batches(datamodule, learners[0])
             training = TrainingLoss(model.mean_loss, self._optimiser(datamodule))
         statistics = None
+        loader = statistics_loader() if needs & {STATISTICS, ACTIVATIONS} else None
         if STATISTICS in needs:
-            loader = statistics_loader()
             if len(loader) == 0:
                 readers = ", ".join(name for name, method in methods.items() if STATISTICS in method.needs)
                 raise DataError(f"{readers} need activation statistics, but the statistics data is empty; give the "
                                 "datamodule text (or statistics_data), or use methods that need none, e.g. "
                                 "weight_matching")
             features = [f for method in methods.values() for f in method.statistics_features(model.spec)]
+            own = [f for method in methods.values() for f in method.own_features(model.spec)]
             statistics = self._collect_statistics(model, datamodule, loader, list(dict.fromkeys(features)),
-                                                  exclude_special, statistics_dtype, timings)
+                                                  exclude_special, statistics_dtype, timings, list(dict.fromkeys(own)))
         if model.num_models == 2:
             weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
-            return FitInputs(model.spec, *weights, statistics=statistics, training=training)
+            activations = None
+            if ACTIVATIONS in needs:  # the first batches of the statistics data, the same on every rank
+                whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+                def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
+                    return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count))
+
+            return FitInputs(model.spec, *weights, statistics=statistics, training=training, activations=activations)
         every = [_parameters(m) for m in model.all_models] if WEIGHTS in needs else None
 
         def pair(i: int, j: int) -> FitInputs:
@@ -277,11 +296,12 @@ class MergeTrainer(pl.Trainer):
 
     def _collect_statistics(
         self, model: InterpolationModule, datamodule: Any, loader: Any, features: list[str], exclude_special: bool,
-        statistics_dtype: str, timings: dict,
+        statistics_dtype: str, timings: dict, own_features: list[str] | None = None,
     ) -> Any:
         tokenizer = getattr(datamodule, "tokenizer", None)
         special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
-        callback = MergeCallback(features, special_token_ids=special_ids, statistics_dtype=statistics_dtype)
+        callback = MergeCallback(features, special_token_ids=special_ids, statistics_dtype=statistics_dtype,
+                                 own_features=own_features or ())
         self.callbacks.append(callback)
         try:
             self.validate(model, dataloaders=loader, verbose=False)
@@ -292,12 +312,13 @@ class MergeTrainer(pl.Trainer):
         return callback.statistics
 
     def _fit_alignments(
-        self, model: InterpolationModule, methods: Mapping[str, MergeMethod], inputs: FitInputs, timings: dict
+        self, model: InterpolationModule, methods: Mapping[str, MergeMethod], inputs: FitInputs, timings: dict,
+        paths: dict[str, Any], references: dict[str, Any],
     ) -> dict[str, dict[str, Any]]:
         fit_seconds: dict[str, float] = {}
         start = time.perf_counter()
         try:
-            alignments = fit_methods(methods, inputs, fit_seconds)
+            alignments = fit_methods(methods, inputs, fit_seconds, paths, references)
         finally:
             inputs.close()
         timings.update(matching_s=time.perf_counter() - start, fit_s=fit_seconds)
@@ -352,7 +373,7 @@ class MergeTrainer(pl.Trainer):
     ) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         with atomic_file(run_dir / "alignments.safetensors") as tmp:
-            save_alignments(tmp, alignments)
+            save_alignments(tmp, _with_references(alignments, model.references))
         if model.num_models > 2:
             table = write_joint_report(run_dir, results)
             atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -363,8 +384,10 @@ class MergeTrainer(pl.Trainer):
             return
         metric_columns = [k for k in next(iter(results["barriers"].values())) if k.endswith(("_barrier", "_a", "_b"))
                           and k not in BARRIER_COLUMNS]
+        midpoint_columns = [k for k in next(iter(results["barriers"].values()))
+                            if k.startswith("midpoint_") and k.endswith(("_excess", "_drop", "_vs_vanilla"))]
         table = write_report(run_dir, results["lambdas"], results["curves"], results["barriers"],
-                             [*BARRIER_COLUMNS, *metric_columns])
+                             [*BARRIER_COLUMNS, *metric_columns, *midpoint_columns], results["endpoints"])
         atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
         if export_method is not None:
             self._export(run_dir / "merged", model.merged_model(export_method, export_lambda),
@@ -390,6 +413,18 @@ class MergeTrainer(pl.Trainer):
 @rank_zero_only
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _with_references(alignments: Mapping[str, Any], references: Mapping[str, Any]) -> dict[str, Any]:
+    """A pair merge's alignments to save: a method that transforms model A too (ZipIt!) under ``method/model0`` and
+    ``method/model1``, as N-model merges key them."""
+    out = {}
+    for name, groups in alignments.items():
+        if name in references:
+            out.update({f"{name}/model0": references[name], f"{name}/model1": groups})
+        else:
+            out[name] = groups
+    return out
 
 
 def _report_folding(model: InterpolationModule) -> dict[str, list[str]]:

@@ -237,7 +237,8 @@ def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
         "--data.init_args.source", "lightning_merge.data.sources.LocalFilesSource",
         "--data.init_args.source.train_files", str(fitted / "corpus.txt"), "--data.init_args.batch_size", "3",
         "--data.init_args.block_size", "32", "--data.init_args.cache_dir", str(fitted / "cache"),
-        "--methods", "[vanilla, ff+attn+res, weight_matching, 'ff+attn[linear]+res', 'learned[steps=2]']",
+        "--methods", "[vanilla, ff+attn+res, weight_matching, 'ff+attn[linear]+res', 'learned[steps=2]', "
+                     "ff+attn+res+regmean, 'ff+attn+res+repair[exact=true,batches=2]', ot]",
         "--export_method", "null", *extra,
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -195,8 +195,8 @@ def test_in_a_pair_merge_merge_many_is_the_paper_s_matching():
     ("merge_many[max_rounds=0]", "max_rounds=0 must be at least 1"),
     ("merge_many[by=gradients]", "choose one of activations, weights"),
     ("merge_many[by=weights,groups=ff]", "by=weights aligns every group"),
-    ("to_reference[method=learned]", "pairwise method that needs no training loss"),
-    ("to_reference[method=merge_many]", "pairwise method"),
+    ("to_reference[method=learned]", "pairwise alignment that needs no training loss"),
+    ("to_reference[method=merge_many]", "pairwise alignment"),
 ])
 def test_bad_joint_method_options_are_refused(name, message):
     from lightning_merge.merge.methods import get_method

@@ -52,7 +52,7 @@ def test_named_and_parsed_methods():
 @pytest.mark.parametrize(
     ("name", "error", "message"),
     [
-        ("zip", UnknownNameError, "unknown merge method 'zip'; known: vanilla, permute, weight_matching, learned"),
+        ("zipit", UnknownNameError, "unknown merge method .zipit.; known: vanilla, permute, weight_matching, learned"),
         ("ff+mlp", UnknownNameError, "unknown merge method"),
         ("attn[sideways]", UnknownNameError, "unknown variant 'sideways' of group 'attn'.*head_perm, .*linear"),
         ("res[middle]", UnknownNameError, "variants: all, first, last"),
@@ -180,7 +180,8 @@ def test_vanilla_returns_no_alignment(planted_pair):
 
 
 @pytest.mark.parametrize("name", [*PERMUTATION_METHODS, "vanilla", "ff+attn[linear]+res",
-                                  "learned[init=permute,steps=3,attn=linear,lr=0.05]"])
+                                  "learned[init=permute,steps=3,attn=linear,lr=0.05]", "ot", "zip",
+                                  "ff+attn+res+repair", "ff+attn[linear]+res+regmean"])
 @torch.no_grad()
 def test_declared_function_preservation_holds_for_the_fitted_alignments(name):
     """Each method's declaration is checked on an unrelated pair (nothing planted): outputs of B unchanged."""
@@ -191,7 +192,8 @@ def test_declared_function_preservation_holds_for_the_fitted_alignments(name):
             layer.attention.self.query.weight.mul_(30)
     spec = spec_for_model(model_a)
     method = get_method(name)
-    statistics = collect_statistics(model_a, model_b, batches(2), spec, groups=method.statistics_features(spec))
+    statistics = collect_statistics(model_a, model_b, batches(2), spec, groups=method.statistics_features(spec),
+                                    own_groups=method.own_features(spec))
     with torch.enable_grad():
         alignments = method.fit(fit_inputs(model_a, model_b, statistics))
     aligned = BertForMaskedLM(tiny_config()).double().eval()

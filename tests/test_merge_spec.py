@@ -31,14 +31,21 @@ def test_feature_points_name_real_modules(model_class):
     model = model_class(tiny_config())
     spec = spec_for_model(model)
     assert len(spec.points["res"]) == 2 * 2 + 1
+    inputs = {features for _, features in spec.inputs.values()}
     for features, points in spec.points.items():
         for point in points:
             model.get_submodule(point.module)  # raises if the name is wrong
-            assert point.source == ("output" if features == "res" or "/" in features else "input")
+            reads = features in inputs or features in spec.groups and features != "res"
+            assert point.source == ("input" if reads else "output")
     projections = {f"attn.{i}/{p}" for i in range(2) for p in ("query", "key", "value")}
-    assert {f for f in spec.points if "/" in f} == projections
+    pre_activations = {f"ff.{i}/pre" for i in range(2)}
+    assert {f for f in spec.points if "/" in f} - inputs == projections | pre_activations
     prefix = "" if model_class is BertModel else "bert."
     assert spec.points["attn.1/key"][0].module == f"{prefix}encoder.layer.1.attention.self.key"
+    assert spec.inputs[f"{prefix}encoder.layer.0.output.dense.weight"] == (
+        1, f"ff.0/input:{prefix}encoder.layer.0.output.dense")
+    assert spec.points[f"res/input:{prefix}encoder.layer.1.attention.self.query"][0].source == "input"
+    assert spec.points["ff.1/pre"][0].module == f"{prefix}encoder.layer.1.intermediate.dense"
     assert spec.points["ff.0"][0].module == f"{prefix}encoder.layer.0.output.dense"
     assert spec.points["attn.1"][0].module == f"{prefix}encoder.layer.1.attention.output.dense"
     assert spec.points["res"][0].module == f"{prefix}embeddings.LayerNorm"

@@ -24,12 +24,15 @@ def fake_results(barrier: float, metric: str | None = None) -> dict:
     for i, method in enumerate(METHODS):
         height = barrier / (i + 1)
         curves[method] = {"loss": [1.0, 1.0 + height, 1.0]}
-        barriers[method] = {"barrier": height, "barrier_midpoint": height, "loss_a": 1.0, "loss_b": 1.0}
+        barriers[method] = {"barrier": height, "barrier_midpoint": height, "loss_a": 1.0, "loss_b": 1.0,
+                            "midpoint_loss": 1.0 + height, "midpoint_excess": height}
         if metric:
             curves[method][metric] = [0.8, 0.8 - height / 10, 0.8]
             barriers[method][f"{metric}_barrier"] = height / 10
+            barriers[method][f"midpoint_{metric}"] = 0.8 - height / 10
     methods = {method: {"function_preserving": method != "ff+attn[ignore_heads]"} for method in METHODS}
-    return {"lambdas": lambdas, "curves": curves, "barriers": barriers, "methods": methods}
+    endpoints = {"loss": [1.0, 1.0], **({metric: [0.8, 0.8]} if metric else {})}
+    return {"lambdas": lambdas, "curves": curves, "barriers": barriers, "methods": methods, "endpoints": endpoints}
 
 
 class FakeLm:
@@ -142,6 +145,10 @@ def test_report_tables_have_every_row_filled(tmp_path, monkeypatch) -> None:
     assert every.count("| yes |") == len(METHODS) - 1 and every.count("| no |") == 1
     linear_row = next(line for line in every.splitlines() if line.startswith("| `ff+attn[linear]+res`"))
     assert " 90.0 ± 0.0 |" in linear_row  # 1 - (barrier / 10) / barrier of vanilla on every pair
+    merged = text[text.index("The merged model"):text.index("![attention variants]")]
+    assert "| method | MLM loss | excess over endpoints | rt_polarity accuracy |" in merged
+    assert "| endpoints (mean of A and B) | 1.000 ± 0.000 | 0 | 0.800 ± 0.000 |" in merged
+    assert merged.count("| `") == len(METHODS)
     for png in ("mlm_attention.png", "mlm_residual.png", "rt_polarity.png"):
         assert (report / png).stat().st_size > 0
     assert set(json.loads((report / "pairs.json").read_text())) == {"mlm", "rt_polarity"}

@@ -59,6 +59,7 @@ class GroupAligner:
     reference: str = PAPER
     check_spec: Callable[[PermutationSpec], None] = lambda spec: None  # noqa: E731 - raises if it cannot align spec
     learnable: bool = True  # whether `learned` can start from its alignment (permutations and per-head maps)
+    permutation: bool = True  # whether its alignment is a permutation
 
 
 def _own_features(group: PermGroup) -> list[str]:
@@ -133,7 +134,7 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
                                      "one d x d assignment; moves features across heads"),
         "linear": GroupAligner(_fit_attention_linear, _attention_features, True,
                                "Head-Perm pairing, then per-head orthogonal maps of the q/k and v/o subspaces",
-                               PROCRUSTES),
+                               PROCRUSTES, permutation=False),
     },
     "res": {
         variant: GroupAligner(_residual_aligner(points), _own_features, True,
@@ -143,11 +144,11 @@ GROUP_ALIGNERS: dict[str, dict[str, GroupAligner]] = {
         "orthogonal": GroupAligner(_fit_residual_orthogonal, _own_features, True,
                                    "one orthogonal map of the stream fixing the all-ones direction (Procrustes on "
                                    "every residual point); pre-LN models, LayerNorm gains folded into their readers",
-                                   ORTHOGONAL_RESIDUAL, _check_orthogonal_residual, learnable=False),
+                                   ORTHOGONAL_RESIDUAL, _check_orthogonal_residual, learnable=False, permutation=False),
         "fold": GroupAligner(_fit_residual_folded_identity, lambda group: [], True,
                              "LayerNorm gains folded into their readers, the stream left as it is: res[orthogonal]'s "
                              "baseline (vanilla on the folded parametrisation)", ORTHOGONAL_RESIDUAL,
-                             _check_orthogonal_residual, learnable=False),
+                             _check_orthogonal_residual, learnable=False, permutation=False),
     },
 }
 
@@ -188,6 +189,10 @@ class ActivationMatching(MergeMethod):
     @property
     def learnable_start(self) -> bool:
         return all(self._aligner(kind).learnable for kind in self.variants)
+
+    @property
+    def permutations_only(self) -> bool:
+        return all(self._aligner(kind).permutation for kind in self.variants)
 
     @property
     def kinds(self) -> tuple[str, ...]:

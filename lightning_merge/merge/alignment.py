@@ -8,6 +8,11 @@ reader of them) by M⁻ᵀ, a ``norm`` axis (an elementwise LayerNorm scale) onl
   except an attention permutation that moves features across heads (`Permutation.preserves_function` checks).
 - `Orthogonal`: an orthogonal map of the residual stream fixing the all-ones direction; exact for pre-LN models once
   their LayerNorm gains are folded into the layers that read them (`lightning_merge.merge.fold`).
+- `Transport`: a soft correspondence (optimal transport, Imfeld et al.): each of A's features takes a convex
+  combination of B's, and so does every reader and LayerNorm gain. Not invertible in general, so not
+  function-preserving: the path runs from A to B's transported model, whose midpoint is the fused model.
+- `Zip`: one model's part of a ZipIt! merge (merge and unmerge matrices, features of one model merged with each
+  other too); every model of the merge is zipped, and their average is the merged model.
 - `HeadLinear`: an attention group's heads paired by a permutation, then within each head one invertible map for
   the query/key subspace (T on query rows, T⁻ᵀ on key rows: QKᵀ unchanged) and one for the value/output subspace
   (T on value rows, T⁻¹ on output columns). Function-preserving by construction.
@@ -183,7 +188,82 @@ class Orthogonal(Alignment):
         return cls(tensors["matrix"])
 
 
-ALIGNMENT_KINDS: dict[str, type[Alignment]] = {kind.kind: kind for kind in (Permutation, HeadLinear, Orthogonal)}
+@dataclass(frozen=True, eq=False)
+class Transport(Alignment):
+    """A transport plan scaled to rows summing to 1: B's features become ``matrix @ x`` on every axis.
+
+    Attributes:
+        matrix: (d, d), non-negative, every row summing to 1; row i weighs the B features that go to position i.
+            OTFusion (Singh & Jaggi) moves a layer's readers with the same plan as its writers, and so does this
+            kind: readers' columns and elementwise LayerNorm gains are averaged as the features are.
+    """
+
+    matrix: torch.Tensor
+    kind: ClassVar[str] = "transport"
+
+    def apply(self, tensor: torch.Tensor, index: int, axis: Axis) -> torch.Tensor:
+        return _per_head_map(tensor, index, self.matrix[None])
+
+    def check(self, group: PermGroup) -> None:
+        matrix = self.matrix.double()
+        if tuple(matrix.shape) != (group.size, group.size) or not torch.isfinite(matrix).all():
+            raise ConfigError(f"the transport plan of group {group.name!r} is not a finite {group.size}x{group.size} "
+                              "matrix")
+        if (matrix < 0).any() or (matrix.sum(1) - 1).abs().max() > 1e-6:
+            raise ConfigError(f"the transport plan of group {group.name!r} is not non-negative with rows summing to 1")
+
+    def preserves_function(self, group: PermGroup) -> bool:
+        is_permutation = bool(((self.matrix == 0) | (self.matrix == 1)).all())  # rows sum to 1: one 1 per row
+        return is_permutation and bool((self.matrix.sum(0) == 1).all()) and (
+            group.kind != "attn" or moves_heads_whole(self.matrix.argmax(1), group.num_heads))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"matrix": self.matrix}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Transport:
+        return cls(tensors["matrix"])
+
+
+@dataclass(frozen=True, eq=False)
+class Zip(Alignment):
+    """One model's part of a ZipIt! merge of N models: its features into the merged ones and back.
+
+    The merged model is the average over the N models of each one's zipped weights (writers and LayerNorm gains
+    through ``merge``, readers through ``unmerge``), so ``merge`` holds N times the model's block of the merge matrix.
+
+    Attributes:
+        merge: (d, d): merged feature i = Σ_j merge[i, j] x_j / N summed over the models.
+        unmerge: (d, d): the model's feature j is read as Σ_i unmerge[j, i] of the merged features.
+    """
+
+    merge: torch.Tensor
+    unmerge: torch.Tensor
+    kind: ClassVar[str] = "zip"
+
+    def apply(self, tensor: torch.Tensor, index: int, axis: Axis) -> torch.Tensor:
+        matrix = self.unmerge.T if axis.role == "in" else self.merge
+        return _per_head_map(tensor, index, matrix[None])
+
+    def check(self, group: PermGroup) -> None:
+        for name, matrix in (("merge", self.merge), ("unmerge", self.unmerge)):
+            if tuple(matrix.shape) != (group.size, group.size) or not torch.isfinite(matrix).all():
+                raise ConfigError(f"the zip {name} matrix of group {group.name!r} is not a finite "
+                                  f"{group.size}x{group.size} matrix")
+
+    def preserves_function(self, group: PermGroup) -> bool:
+        return False  # merges features within the model, and scales them by N
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"merge": self.merge, "unmerge": self.unmerge}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> Zip:
+        return cls(tensors["merge"], tensors["unmerge"])
+
+
+ALIGNMENT_KINDS: dict[str, type[Alignment]] = {
+    kind.kind: kind for kind in (Permutation, HeadLinear, Orthogonal, Transport, Zip)}
 
 
 def needs_folded_norms(alignments: Mapping[str, Alignment]) -> bool:

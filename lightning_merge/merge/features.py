@@ -125,8 +125,9 @@ def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor |
 
 
 def kept_tokens(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    """(B, T, d) -> (N, d) rows of the kept tokens (``keep`` None: all of them, as a view, not a copy)."""
-    if keep is None:
+    """(B, T, d) -> (N, d) rows of the kept tokens (``keep`` None: all of them, as a view, not a copy). A (B, d)
+    value is one token per sequence already (a pooler's input: the first token's features), taken whole."""
+    if keep is None or value.ndim == 2:
         return value.reshape(-1, value.shape[-1])
     return value[keep.to(value.device)]
 
@@ -159,6 +160,7 @@ class StatisticsRecorder:
         self._models = tuple(models)
         self._recorders: tuple[FeatureRecorder, ...] = ()  # made by `register`, dropped by `remove`
         self._keys = set(statistics.point_keys)
+        self._own_keys = [set(own.points) for own in statistics.own]
         self._keep: torch.Tensor | None = None
         self._in_batch = False
         self._waiting: dict[str, dict[int, torch.Tensor]] = {}
@@ -173,7 +175,9 @@ class StatisticsRecorder:
 
     def register(self) -> None:
         if not self._recorders:
-            spec, groups = self.statistics.spec, self.statistics.groups
+            spec = self.statistics.spec
+            own = [group for statistics in self.statistics.own for group in statistics.groups]
+            groups = list(dict.fromkeys([*self.statistics.groups, *own]))
             self._recorders = tuple(FeatureRecorder(model, spec, groups, on_capture=self._capture(k))
                                     for k, model in enumerate(self._models))
         try:
@@ -213,6 +217,11 @@ class StatisticsRecorder:
     def _capture(self, k: int) -> Callable[[str, torch.Tensor], None]:
         def capture(key: str, value: torch.Tensor) -> None:
             keep = self._current_keep()
+            if self._own_keys and key in self._own_keys[k]:
+                own = kept_tokens(value, keep)
+                self.statistics.own[k].points[key].update(own, own)
+            if key not in self._keys:
+                return
             waiting = self._waiting.setdefault(key, {})
             if len(waiting) != k:
                 raise RuntimeError(f"{self._name(k)} reached {key} before {self._name(len(waiting))} did on this "
@@ -252,6 +261,7 @@ def collect_statistics(
     device: torch.device | str | None = None,
     exclude_special_tokens: bool = False,
     products: str = STATISTICS_DTYPE,
+    own_groups: Iterable[str] = (),
 ) -> MergeStatistics:
     """Run both models over ``batches`` and accumulate `MergeStatistics` (the plain-PyTorch statistics pass).
 
@@ -268,12 +278,14 @@ def collect_statistics(
             them, so the default is False).
         products: dtype of each block's feature products (``float32``, the default, or ``float64``; see
             `PairStatistics`).
+        own_groups: feature sets of which each model's own statistics are kept too (`MergeStatistics.own`).
 
     Returns:
         The accumulated statistics.
     """
     pair = (model_a, model_b)
-    return collect_joint_statistics(pair, batches, spec, groups, device, exclude_special_tokens, products).pair(0, 1)
+    return collect_joint_statistics(pair, batches, spec, groups, device, exclude_special_tokens, products,
+                                    own_groups).pair(0, 1)
 
 
 @torch.no_grad()
@@ -285,10 +297,15 @@ def collect_joint_statistics(
     device: torch.device | str | None = None,
     exclude_special_tokens: bool = False,
     products: str = STATISTICS_DTYPE,
+    own_groups: Iterable[str] = (),
 ) -> JointStatistics:
-    """`collect_statistics` for N ≥ 2 models: every pair's statistics from one pass over ``batches``."""
-    statistics = JointStatistics(spec, len(models), groups, device or next(models[0].parameters()).device, products)
-    runners = [_feature_model(model, spec, statistics.groups) for model in models]
+    """`collect_statistics` for N ≥ 2 models: every pair's statistics from one pass over ``batches`` (and each
+    model's own statistics of ``own_groups``, see `JointStatistics`)."""
+    statistics = JointStatistics(spec, len(models), groups, device or next(models[0].parameters()).device, products,
+                                 own_groups)
+    heads = needs_heads(spec, [*statistics.groups, *own_groups])
+    runners = [model if heads or not spec.base_prefix else model.get_submodule(spec.base_prefix.rstrip("."))
+               for model in models]
     with StatisticsRecorder(models, statistics) as recorder:
         for batch in batches:
             recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
@@ -312,13 +329,57 @@ def _token_masks(batch: Mapping[str, torch.Tensor], exclude_special: bool) -> tu
     return batch["attention_mask"], batch["special_tokens_mask"] if exclude_special else None
 
 
-def _feature_model(model: torch.nn.Module, spec: PermutationSpec, groups: list[str]) -> torch.nn.Module:
-    """The base model when every feature point lies inside it: the heads (e.g. a 30k-vocab decoder) are skipped."""
+def needs_heads(spec: PermutationSpec, groups: Iterable[str]) -> bool:
+    """Whether a feature point of ``groups`` lies outside the base model: otherwise a statistics pass runs only the
+    base model and skips the heads (e.g. a 30k-vocab decoder)."""
     prefix = spec.base_prefix
-    inside = all(point.module.startswith(prefix) for group in groups for point in spec.points[group])
-    return model.get_submodule(prefix.rstrip(".")) if prefix and inside else model
+    return any(not point.module.startswith(prefix) for group in groups for point in spec.points[group])
 
 
 def _to(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
     device = next(model.parameters()).device
     return {name: value.to(device) for name, value in inputs.items()}
+
+
+@torch.no_grad()
+def feature_moments(
+    model: torch.nn.Module,
+    params: Mapping[str, torch.Tensor],
+    spec: PermutationSpec,
+    features: Sequence[str],
+    batches: Iterable[Mapping[str, torch.Tensor]],
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Mean and variance of every feature of one-point feature sets over the real tokens of ``batches``, with
+    ``model`` run on ``params`` (by parameter name, tied aliases included) instead of its own weights.
+
+    Returns:
+        feature set -> ((d,) mean, (d,) variance) in float64, in the order the forward pass reaches the sets (what a
+        layer-by-layer correction such as REPAIR's follows).
+    """
+    by_key = {spec.points[name][0].key: name for name in features}
+    sums: dict[str, list] = {}
+    keep: list[torch.Tensor | None] = [None]
+
+    def capture(key: str, value: torch.Tensor) -> None:
+        if key in by_key:
+            tokens = kept_tokens(value, keep[0]).double()
+            total = sums.setdefault(by_key[key], [0, 0.0, 0.0])
+            total[0] += tokens.shape[0]
+            total[1] = total[1] + tokens.sum(0)
+            total[2] = total[2] + tokens.square().sum(0)
+
+    device = next(iter(params.values())).device
+    with FeatureRecorder(model, spec, list(features), on_capture=capture):
+        for batch in batches:
+            inputs = model_inputs(batch, spec.family) if spec.family else {
+                k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+            inputs = {name: value.to(device) for name, value in inputs.items()}
+            keep[0] = _drop_mask(token_mask(inputs["attention_mask"]))
+            torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, tie_weights=False)
+    if not sums:
+        raise DataError("measuring the merged model's features saw no batches; give the statistics data some text")
+    out = {}
+    for name, (count, total, squares) in sums.items():
+        mean = total / max(count, 1)
+        out[name] = (mean, (squares / max(count, 1) - mean.square()).clamp(min=0))
+    return out

@@ -18,7 +18,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -111,6 +111,9 @@ class JointInputs:
 class JointMethod(MergeMethod):
     """A method that aligns N ≥ 2 models at once, every model into model 0's basis."""
 
+    # whether model 0 is transformed too (ZipIt!): a pair merge then evaluates both models' alignments
+    moves_reference: ClassVar[bool] = False
+
     def fit(self, inputs: FitInputs) -> dict[str, Alignment]:
         return self.fit_joint(JointInputs.of_pair(inputs))[1]
 
@@ -135,9 +138,9 @@ class ToReference(JointMethod):
         from lightning_merge.merge.methods import get_method  # the registry imports this module
 
         self.pairwise = get_method(self.options.method)
-        if isinstance(self.pairwise, JointMethod) or LOSS in self.pairwise.needs:
-            raise ConfigError(f"method {name!r}: method={self.options.method!r} must be a pairwise method that needs "
-                              "no training loss, e.g. ff+attn+res or weight_matching")
+        if isinstance(self.pairwise, JointMethod) or LOSS in self.pairwise.needs or self.pairwise.changes_path:
+            raise ConfigError(f"method {name!r}: method={self.options.method!r} must be a pairwise alignment that "
+                              "needs no training loss and keeps the straight path, e.g. ff+attn+res or weight_matching")
 
     @property
     def needs(self) -> frozenset[str]:
@@ -150,6 +153,10 @@ class ToReference(JointMethod):
     @property
     def learnable_start(self) -> bool:
         return self.pairwise.learnable_start
+
+    @property
+    def permutations_only(self) -> bool:
+        return self.pairwise.permutations_only
 
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
         return self.pairwise.statistics_features(spec)

@@ -231,6 +231,10 @@ class Learned(MergeMethod):
     def function_preserving(self) -> bool:
         return True
 
+    @property
+    def permutations_only(self) -> bool:
+        return self.options.attn == "perm" and self.init.permutations_only
+
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
         return self.init.statistics_features(spec)
 

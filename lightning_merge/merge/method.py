@@ -2,9 +2,11 @@
 
 A method is one class (a `MergeMethod` subclass) in its own module, plus one entry in the registry
 (`lightning_merge.merge.methods.METHODS`). It declares what ``fit`` reads — activation statistics, the models'
-weights, a loss over training batches (`STATISTICS`, `WEIGHTS`, `LOSS`) — and the framework builds a `FitInputs`
+weights, a loss over training batches, feature moments of a model it builds (`STATISTICS`, `WEIGHTS`, `LOSS`,
+`ACTIVATIONS`) — and the framework builds a `FitInputs`
 holding exactly that: reading anything undeclared fails, so a declaration cannot silently fall out of date.
-``fit`` returns one `Alignment` per spec group it aligns.
+``fit`` returns one `Alignment` per spec group it aligns; a method that also changes the path between the aligned
+endpoints (REPAIR, RegMean) returns it from ``fit_path`` (`lightning_merge.merge.paths`).
 """
 
 from __future__ import annotations
@@ -24,17 +26,23 @@ from torch import nn
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import Alignment
+from lightning_merge.merge.paths import InterpolationPath
 from lightning_merge.merge.spec import PermutationSpec
 from lightning_merge.merge.stats import MergeStatistics
 
 VANILLA = "Frankle et al., Linear Mode Connectivity and the Lottery Ticket Hypothesis, https://arxiv.org/abs/1912.05671"
 
-STATISTICS, WEIGHTS, LOSS = "statistics", "weights", "loss"
+STATISTICS, WEIGHTS, LOSS, ACTIVATIONS = "statistics", "weights", "loss", "activations"
 
 StateDict = Mapping[str, torch.Tensor]
 # Threads that solve independent assignments at once. Each holds a float64 d x d correlation (72 MiB for BERT-base's
 # FF), so a few threads, not one per core.
 MATCHING_WORKERS = min(4, os.cpu_count() or 1)
+
+
+# (parameters by name, feature sets, number of batches) -> feature set -> (mean, variance) of each feature, in the
+# order the forward pass reaches the sets
+ActivationMoments = Callable[[Mapping[str, torch.Tensor], list[str], int], dict[str, tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,8 @@ class FitInputs:
         weights_b: B's weights.
         statistics: activation statistics, for methods that need ``STATISTICS``.
         training: the loss and optimiser, for methods that need ``LOSS``.
+        activations: (parameters of model A's structure, feature sets, batch count) -> feature set -> (mean,
+            variance) per feature over that many of the statistics batches, for methods that need ``ACTIVATIONS``.
         workers: threads for independent assignments.
     """
 
@@ -76,10 +86,12 @@ class FitInputs:
         statistics: MergeStatistics | None = None,
         training: TrainingLoss | None = None,
         workers: int = MATCHING_WORKERS,
+        activations: ActivationMoments | None = None,
     ) -> None:
         self.spec = spec
         weights = (weights_a, weights_b) if weights_a is not None and weights_b is not None else None
-        self._given: dict[str, Any] = {WEIGHTS: weights, STATISTICS: statistics, LOSS: training}
+        self._given: dict[str, Any] = {WEIGHTS: weights, STATISTICS: statistics, LOSS: training,
+                                       ACTIVATIONS: activations}
         self._visible = frozenset(self._given)
         self._pool = ThreadPoolExecutor(max(1, workers))
         self._lock = threading.Lock()
@@ -117,6 +129,10 @@ class FitInputs:
     def training(self) -> TrainingLoss:
         return self._require(LOSS)
 
+    @property
+    def activations(self) -> ActivationMoments:
+        return self._require(ACTIVATIONS)
+
     def shared(self, key: Any, compute: Callable[[], Any]) -> Future:
         """A future of ``compute()``, computed once per ``key`` on the worker threads (work methods share)."""
         with self._lock:
@@ -150,6 +166,7 @@ class MergeMethod(ABC):
 
     reference: ClassVar[str]
     summary: ClassVar[str]
+    changes_path: ClassVar[bool] = False  # whether `fit_path` returns a path other than the straight line
 
     @dataclass(frozen=True)
     class Options:
@@ -162,7 +179,7 @@ class MergeMethod(ABC):
     @property
     @abstractmethod
     def needs(self) -> frozenset[str]:
-        """Which of `STATISTICS`, `WEIGHTS`, `LOSS` its ``fit`` reads."""
+        """Which of `STATISTICS`, `WEIGHTS`, `LOSS`, `ACTIVATIONS` its ``fit`` (and ``fit_path``) reads."""
 
     @property
     @abstractmethod
@@ -177,6 +194,20 @@ class MergeMethod(ABC):
     def learnable_start(self) -> bool:
         """Whether a learned method can start from its alignments (permutations, per-head maps)."""
         return True
+
+    @property
+    def permutations_only(self) -> bool:
+        """Whether every alignment it fits is a permutation (a path that reads B's features one by one needs it)."""
+        return True
+
+    def own_features(self, spec: PermutationSpec) -> list[str]:
+        """Feature sets (names in ``spec.points``) of which it reads each model's own statistics
+        (`MergeStatistics.own_moments`: Gram matrices); empty without `STATISTICS`."""
+        return []
+
+    def fit_path(self, inputs: FitInputs, alignments: Mapping[str, Alignment]) -> InterpolationPath | None:
+        """The path between A and B's aligned model it evaluates (None: the straight line), given its alignments."""
+        return None
 
     def check_spec(self, spec: PermutationSpec) -> None:
         """Raise `ConfigError` if the method cannot align models of ``spec`` (checked before any compute)."""

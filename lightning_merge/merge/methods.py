@@ -6,7 +6,10 @@ outside this registry branches on a method's name. Names (`get_method`):
 - a registered name, optionally with options: ``vanilla``, ``permute``, ``weight_matching``,
   ``learned[init=permute,steps=1500,attn=linear]`` (``name[key=value,...]``; every option has a default); the joint
   methods of N models ``to_reference[method=ff+attn+res]``, ``merge_many[groups=ff+attn+res,by=activations]``,
-  ``cycle_consistent[groups=ff+attn+res]`` (`lightning_merge.merge.joint_methods`);
+  ``cycle_consistent[groups=ff+attn+res]`` (`lightning_merge.merge.joint_methods`); the fusion methods
+  ``ot[groups=ff+attn+res,reg=0.05]``, ``repair[on=ff+attn+res]`` and ``regmean[on=ff+attn+res,alpha=0.9]``
+  (`lightning_merge.merge.fusion`), ``zip[groups=ff+attn+res,alpha=0.3,beta=0.125]`` (`lightning_merge.merge.zipit`);
+- a path method after the alignment it composes with: ``ff+attn+res+repair``, ``weight_matching+regmean[alpha=1]``;
 - or activation matching composed per group kind, parts joined by ``+`` in any order, each at most once::
 
       ff                                                  feed-forward groups, one assignment per layer
@@ -37,10 +40,13 @@ from lightning_merge.merge.activation_matching import (
     FullPermutation,
 )
 from lightning_merge.merge.alignment import Alignment
-from lightning_merge.merge.joint_methods import CycleConsistent, MergeMany, ToReference
+from lightning_merge.merge.fusion import OptimalTransport, RegMean, Repair
+from lightning_merge.merge.joint_methods import CycleConsistent, JointInputs, JointMethod, MergeMany, ToReference
 from lightning_merge.merge.learned import Learned
 from lightning_merge.merge.method import FitInputs, MergeMethod, Vanilla
+from lightning_merge.merge.paths import InterpolationPath
 from lightning_merge.merge.weight_matching import WeightMatching
+from lightning_merge.merge.zipit import ZipIt
 
 METHODS: dict[str, type[MergeMethod]] = {
     "vanilla": Vanilla,
@@ -50,6 +56,10 @@ METHODS: dict[str, type[MergeMethod]] = {
     "to_reference": ToReference,
     "merge_many": MergeMany,
     "cycle_consistent": CycleConsistent,
+    "ot": OptimalTransport,
+    "repair": Repair,
+    "regmean": RegMean,
+    "zip": ZipIt,
 }
 
 _CALL = re.compile(r"^(?P<head>\w+)(?:\[(?P<args>.*)\])?$", re.S)
@@ -71,6 +81,9 @@ def get_method(name: str) -> MergeMethod:
     name = name.strip()
     parts = _split_top_level(name, "+")
     call = _CALL.match(parts[0].strip()) if len(parts) == 1 else None
+    last = _CALL.match(parts[-1].strip()) if len(parts) > 1 else None
+    if last and last["head"] in METHODS and METHODS[last["head"]].changes_path:
+        return _path_on(METHODS[last["head"]], last["args"], "+".join(parts[:-1]).strip(), name)
     if call and call["head"] in METHODS:
         method_class = METHODS[call["head"]]
         return method_class(name, _parse_options(method_class, call["args"], name))
@@ -81,6 +94,14 @@ def get_method(name: str) -> MergeMethod:
             raise UnknownNameError(f"method {name!r} names group {kind!r} twice; known: {known_names()}")
         variants[kind] = variant
     return ActivationMatching(name, variants)
+
+
+def _path_on(method_class: type[MergeMethod], args: str | None, alignment: str, name: str) -> MergeMethod:
+    """``<alignment>+repair[...]``: the path method with ``on`` the alignment before it."""
+    options = _parse_options(method_class, args, name)
+    if options.on != method_class.Options.on:
+        raise ConfigError(f"method {name!r} names its alignment twice (before '+' and as on=); give it once")
+    return method_class(name, dataclasses.replace(options, on=alignment))
 
 
 def _parse_part(part: str, name: str) -> tuple[str, str]:
@@ -139,16 +160,27 @@ def _convert(text: str, kind: type, name: str, key: str) -> Any:
 
 
 def fit_methods(
-    methods: Mapping[str, MergeMethod], inputs: FitInputs, timings: dict[str, float] | None = None
+    methods: Mapping[str, MergeMethod], inputs: FitInputs, timings: dict[str, float] | None = None,
+    paths: dict[str, InterpolationPath] | None = None, references: dict[str, dict[str, Alignment]] | None = None,
 ) -> dict[str, dict[str, Alignment]]:
-    """Alignments of every method (name -> group -> alignment), sharing work between them (module doc).
+    """Alignments of model B by every method (name -> group -> alignment), sharing work between them (module doc).
 
-    ``timings``, if given, receives each method's fit time in seconds (shared work counts for the first method).
+    ``timings``, if given, receives each method's fit time in seconds (shared work counts for the first method);
+    ``paths``, if given, receives the path of every method that changes it (`MergeMethod.fit_path`);
+    ``references``, if given, receives model A's alignments of every method that transforms A too (ZipIt!).
     """
     out = {}
     for name, method in methods.items():
         start = time.perf_counter()
-        out[name] = inputs.alignments_of(method)
+        if isinstance(method, JointMethod) and method.moves_reference:
+            reference, out[name] = method.fit_joint(JointInputs.of_pair(inputs).view(method.needs))
+            if references is not None:
+                references[name] = reference
+        else:
+            out[name] = inputs.alignments_of(method)
+        path = method.fit_path(inputs.view(method.needs), out[name]) if method.changes_path else None
+        if path is not None and paths is not None:
+            paths[name] = path
         if timings is not None:
             timings[name] = time.perf_counter() - start
     return out

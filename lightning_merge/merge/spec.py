@@ -146,6 +146,9 @@ class PermutationSpec:
         norm_readers: pre-LN families: LayerNorm module -> the weights (``axes`` names) that read its output, where
             `lightning_merge.merge.fold.fold_layer_norms` folds its gain.
         norms_folded: whether the LayerNorm gains have been folded into their readers (see that function).
+        inputs: every weight (``axes`` name) that reads an aligned group -> (its input axis, the feature set of its
+            layer's input: ``{group}/input:{module}``, one point), for methods that fit a layer to its inputs
+            (RegMean's Gram matrices).
     """
 
     architecture: str
@@ -159,6 +162,7 @@ class PermutationSpec:
     family: Family | None = None
     norm_readers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     norms_folded: bool = False
+    inputs: Mapping[str, tuple[int, str]] = field(default_factory=dict)
 
     def split(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``state_dict`` with every fused weight replaced by its parts (views), in place of the fused entry."""
@@ -267,6 +271,7 @@ class _SpecBuilder:
         self.splits: dict[str, Split] = {}
         self.norm_readers: dict[str, list[str]] = {}
         self.reading_norm: str | None = None  # pre-LN: the LayerNorm whose output the next stream readers read
+        self.inputs: dict[str, tuple[int, str]] = {}  # reader weight -> (input axis, input feature set)
 
     def read_by(self, norm: str | None) -> None:
         """Attribute the stream readers declared from now on to ``norm`` (None: to no LayerNorm)."""
@@ -274,7 +279,10 @@ class _SpecBuilder:
         if norm is not None:
             self.norm_readers.setdefault(norm, [])
 
-    def _reads(self, weight: str, p_in: GroupRef) -> None:
+    def _reads(self, weight: str, p_in: GroupRef, module: str, transposed: bool) -> None:
+        axis = _axis(p_in, "in")
+        if axis is not None and axis.role == "in":
+            self.inputs[weight] = (0 if transposed else 1, input_features(axis.group, module))
         if self.reading_norm is not None and _axis(p_in, "in") == Axis(RESIDUAL, "in"):
             self.norm_readers[self.reading_norm].append(weight)
 
@@ -282,7 +290,7 @@ class _SpecBuilder:
         rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
         transposed = (layout or self.layout) == "conv1d"
         self.axes[f"{name}.weight"] = (columns, rows) if transposed else (rows, columns)
-        self._reads(f"{name}.weight", p_in)
+        self._reads(f"{name}.weight", p_in, name, transposed)
         if bias:
             self.axes[f"{name}.bias"] = (rows,)
 
@@ -294,7 +302,7 @@ class _SpecBuilder:
         for part, p_out in parts.items():
             rows, columns = _axis(p_out, "out"), _axis(p_in, "in")
             self.axes[f"{name}.weight{PART}{part}"] = (columns, rows) if self.layout == "conv1d" else (rows, columns)
-            self._reads(f"{name}.weight{PART}{part}", p_in)
+            self._reads(f"{name}.weight{PART}{part}", p_in, name, self.layout == "conv1d")
             self.axes[f"{name}.bias{PART}{part}"] = (rows,)
 
     def norm(self, name: str, p: str | None) -> None:
@@ -310,8 +318,13 @@ class _SpecBuilder:
     def tie(self, alias: str, source: str, reads: bool = False) -> None:
         self.ties[alias] = source
         self.axes[alias] = self.axes[source]
-        if reads:
-            self._reads(alias, RESIDUAL)
+        if reads and self.reading_norm is not None:  # no `inputs` entry: a tie keeps its source's value
+            self.norm_readers[self.reading_norm].append(alias)
+
+
+def input_features(group: str, module: str) -> str:
+    """The feature set of ``module``'s input, which carries ``group``'s features (`PermutationSpec.inputs`)."""
+    return f"{group}/input:{module}"
 
 
 def _layer_weights(build: _SpecBuilder, family: Family, layer: str, i: int) -> None:
@@ -393,6 +406,7 @@ def _points(config: Any, family: Family, prefix: str) -> dict[str, tuple[Feature
     for i in range(config.num_hidden_layers):
         layer = prefix + family.layer.format(i=i)
         points[f"ff.{i}"] = (FeaturePoint(f"{layer}.{family.ff_out}", "input"),)
+        points[f"ff.{i}/pre"] = (FeaturePoint(f"{layer}.{family.ff_in}", "output"),)  # before the activation
         points[f"attn.{i}"] = (FeaturePoint(f"{layer}.{family.attention_out}", "input"),)
         for projection, point in _projection_points(family, layer).items():
             points[f"attn.{i}/{projection}"] = (point,)
@@ -462,9 +476,12 @@ def spec_from_config(
     for head in heads:
         _head_weights(build, family, prefix, head, config)
     readers = {norm: tuple(weights) for norm, weights in build.norm_readers.items() if weights}
+    points = _points(config, family, prefix)
+    for weight, (_, features) in build.inputs.items():
+        points[features] = (FeaturePoint(features.partition("/input:")[2], "input"),)
     return PermutationSpec(
-        name, build.axes, _groups(config, family), _points(config, family, prefix), build.ties,
-        _fields(config, name, family, heads), prefix, build.splits, family, readers,
+        name, build.axes, _groups(config, family), points, build.ties,
+        _fields(config, name, family, heads), prefix, build.splits, family, readers, inputs=build.inputs,
     )
 
 

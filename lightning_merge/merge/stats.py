@@ -239,6 +239,8 @@ class MergeStatistics:
             known = ", ".join(spec.points)
             raise ConfigError(f"no feature set {unknown[0]!r} in the {spec.architecture} spec; known: {known}")
         self.points: dict[str, PairStatistics] = {}
+        # each model's statistics against itself, where a method reads them (`JointStatistics`' ``own_groups``)
+        self.own: tuple[MergeStatistics, MergeStatistics] | None = None
         for group in self.groups:
             for point in spec.points[group]:
                 size = spec.feature_size(group)
@@ -304,6 +306,18 @@ class MergeStatistics:
         chosen = self.group_points(features)
         return sum(stats.cross_moment() for stats in chosen) / len(chosen)
 
+    def own_moments(self, features: str, side: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(Σ x xᵀ, Σ x, token count) of model A's (``side`` 0) or B's (1) own features of a one-point feature set.
+
+        Raises:
+            ConfigError: the pass did not record the models' own statistics of ``features``.
+        """
+        if self.own is None or features not in self.own[side].groups:
+            raise ConfigError(f"statistics hold no own statistics of {features!r}; a method reading them must list "
+                              "it in its own_features")
+        (point,) = self.own[side].group_points(features)
+        return point.cross, point.sum_a, point.count
+
     @property
     def token_count(self) -> int:
         """Tokens seen (the count of the first point; every point sees every token)."""
@@ -324,6 +338,8 @@ class JointStatistics:
         spec: the spec every model shares.
         num_models: N.
         groups, device, products: as for `MergeStatistics`.
+        own_groups: feature sets of which each model's statistics against itself are kept too (Σ x xᵀ: RegMean's
+            Gram matrices); each pair's `MergeStatistics.own` then holds its two models'.
     """
 
     def __init__(
@@ -333,6 +349,7 @@ class JointStatistics:
         groups: Iterable[str] | None = None,
         device: torch.device | str | None = None,
         products: str = "float64",
+        own_groups: Iterable[str] = (),
     ) -> None:
         if num_models < 2:
             raise ConfigError(f"statistics of several models need at least two, got {num_models}")
@@ -341,6 +358,11 @@ class JointStatistics:
         self.pairs = {(i, j): MergeStatistics(spec, groups, device, products)
                       for i in range(num_models) for j in range(i + 1, num_models)}
         self.groups = self.pairs[(0, 1)].groups
+        own_groups = list(own_groups)
+        self.own = [MergeStatistics(spec, own_groups, device, products) for _ in range(num_models)] if own_groups \
+            else []
+        for (i, j), stats in self.pairs.items():
+            stats.own = (self.own[i], self.own[j]) if self.own else None
 
     @classmethod
     def from_pairs(cls, pairs: Mapping[tuple[int, int], MergeStatistics], num_models: int) -> JointStatistics:
@@ -352,6 +374,8 @@ class JointStatistics:
         joint = cls.__new__(cls)
         first = pairs[(0, 1)]
         joint.spec, joint.num_models, joint.groups, joint.pairs = first.spec, num_models, first.groups, dict(pairs)
+        owns = [pairs[(0, k)].own for k in range(1, num_models)]
+        joint.own = [owns[0][0], *(own[1] for own in owns)] if all(owns) else []
         return joint
 
     @property
@@ -366,12 +390,14 @@ class JointStatistics:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every sum as ``"{i}-{j}/{point key}/{field}"`` (live tensors, in a fixed order: see `MergeStatistics`)."""
-        return {f"{i}-{j}/{key}": t for (i, j), stats in self.pairs.items()
-                for key, t in stats.state_tensors().items()}
+        pairs = {f"{i}-{j}/{key}": t for (i, j), stats in self.pairs.items()
+                 for key, t in stats.state_tensors().items()}
+        own = {f"{k}-{k}/{key}": t for k, stats in enumerate(self.own) for key, t in stats.state_tensors().items()}
+        return pairs | own
 
     @property
     def token_count(self) -> int:
         return self.pairs[(0, 1)].token_count
 
     def nbytes(self) -> int:
-        return sum(stats.nbytes() for stats in self.pairs.values())
+        return sum(stats.nbytes() for stats in [*self.pairs.values(), *self.own])

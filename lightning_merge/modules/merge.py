@@ -37,6 +37,7 @@ from lightning_merge.merge.interpolate import (
     loss_barrier,
 )
 from lightning_merge.merge.joint_curves import JointPlan, Pair, check_simplex_steps
+from lightning_merge.merge.paths import InterpolationPath
 from lightning_merge.merge.spec import PermutationSpec, spec_for_model, spec_for_pair
 from lightning_merge.models import load_pretrained
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
@@ -120,6 +121,7 @@ class PairModule(pl.LightningModule):
         self.more_models = nn.ModuleList(loaded[2:])
         self.spec: PermutationSpec = self._shared_spec()
         self._check_vocab()
+        self.statistics_run_heads = False
 
     @property
     def all_models(self) -> list[PreTrainedModel]:
@@ -162,10 +164,26 @@ class PairModule(pl.LightningModule):
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         inputs = model_inputs(batch, self.spec.family)
         for model in self.all_models:
-            model.base_model(**inputs)  # the hooks sit in the base model; the heads are not needed for features
+            # the heads make features only for methods that read a head's input (the MergeCallback says)
+            (model if self.statistics_run_heads else model.base_model)(**inputs)
 
     def configure_optimizers(self) -> None:
         return None
+
+
+def midpoint_figures(lambdas: Sequence[float], curve: Mapping[str, Sequence[float]],
+                     endpoints: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The merged model at the λ nearest ½ against models A and B as they are: ``midpoint_loss`` and
+    ``midpoint_excess`` (its loss minus the endpoints' mean), and per task metric ``midpoint_<metric>`` and
+    ``midpoint_<metric>_drop`` (the endpoints' mean minus it)."""
+    index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - 0.5))
+    figures = {"midpoint_lambda": float(lambdas[index])}
+    for name, values in curve.items():
+        mean = sum(endpoints[name]) / len(endpoints[name])
+        figures[f"midpoint_{name}"] = float(values[index])
+        key, sign = ("midpoint_excess", 1) if name == "loss" else (f"midpoint_{name}_drop", -1)
+        figures[key] = sign * (float(values[index]) - mean)
+    return figures
 
 
 class CurveSums(torchmetrics.Metric):
@@ -226,24 +244,35 @@ class InterpolationModule(PairModule):
         self.joint_alignments: dict[str, list[dict[str, Alignment]]] = {}  # N > 2: every model into model 0's basis
         self.pair_alignments: dict[str, dict[Pair, dict[str, Alignment]]] = {}  # N > 2: pairwise methods' own fits
         self.plan: JointPlan | None = None
+        self.paths: dict[str, InterpolationPath] = {}  # methods whose path is not the straight line
+        self.references: dict[str, dict[str, Alignment]] = {}  # methods that transform model A too
+        self.endpoint_sums: CurveSums | None = None  # models A and B as they are (pair merges)
 
     def set_methods(
         self,
         alignments: Mapping[str, Mapping[str, Alignment]],
         task_metrics: torchmetrics.MetricCollection | None = None,
+        paths: Mapping[str, InterpolationPath] | None = None,
+        references: Mapping[str, Mapping[str, Alignment]] | None = None,
     ) -> None:
-        """Methods to evaluate: name -> group -> alignment of model B (empty mapping: vanilla averaging).
+        """Methods to evaluate: name -> group -> alignment of model B (empty mapping: vanilla averaging); for the
+        methods that change it, name -> path between A and aligned B (default: the straight line); for the methods
+        that transform model A too (ZipIt!), name -> group -> alignment of model A.
 
-        ``task_metrics`` (e.g. accuracy for a classifier) are cloned for every (method, λ) point.
+        ``task_metrics`` (e.g. accuracy for a classifier) are cloned for every (method, λ) point, and for models A
+        and B as they are (the endpoints a merged model is compared with).
         """
         if not alignments:
             raise ConfigError("no merge method to evaluate; pass at least one method")
-        for groups in alignments.values():
+        for groups in [*alignments.values(), *(references or {}).values()]:
             check_alignments(self.spec, groups)  # a bad alignment fails here, before any curve point
         self.methods = {name: dict(groups) for name, groups in alignments.items()}
+        self.references = {name: dict(groups) for name, groups in (references or {}).items() if name in self.methods}
+        self.paths = {name: path for name, path in (paths or {}).items() if name in self.methods}
         self.plan = None
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
-        points = len(self.methods) * len(self.lambdas)
+        self.endpoint_sums = CurveSums(1, 2).to(self.device)
+        points = len(self.methods) * len(self.lambdas) + 2
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
@@ -278,7 +307,7 @@ class InterpolationModule(PairModule):
 
         A method whose alignment needs the LayerNorm gains folded into their readers (``res[orthogonal]``) gets
         both endpoints folded (`fold_layer_norms`: the same functions, with a tied reader untied)."""
-        state_a, aligned_b = self.aligned_states([{}, self.methods[method]], [0, 1])
+        state_a, aligned_b = self.aligned_states(self._method_alignments(method), [0, 1])
         return state_a, aligned_b
 
     def aligned_states(
@@ -300,7 +329,7 @@ class InterpolationModule(PairModule):
 
     def _method_alignments(self, method: str) -> list[Mapping[str, Alignment]]:
         if self.plan is None:
-            return [{}, self.methods[method]]
+            return [self.references.get(method, {}), self.methods[method]]
         return [*self.joint_alignments[method], *self.pair_alignments.get(method, {}).values()]
 
     def folds(self, method: str) -> bool:
@@ -325,6 +354,8 @@ class InterpolationModule(PairModule):
     ) -> dict[str, Tensor]:
         """θ(λ) for one method as a parameter dict (every parameter name of model A, tied aliases included)."""
         state_a, aligned_b = self.endpoints(method) if endpoints is None else endpoints
+        if method in self.paths:
+            return self.paths[method].at(state_a, aligned_b, lam)
         return interpolate_state_dicts(state_a, aligned_b, lam)
 
     def merged_model(self, method: str, lam: float) -> PreTrainedModel:
@@ -370,6 +401,10 @@ class InterpolationModule(PairModule):
             endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
                 self._evaluate_point(m, i, self.interpolated(method, lam, endpoints), batch, m * len(self.lambdas) + i)
+        first_endpoint = len(self.methods) * len(self.lambdas)
+        for k, model in enumerate((self.model_a, self.model_b)):  # a fused model is compared with A and B themselves
+            params = dict(model.named_parameters(remove_duplicate=False))
+            self._evaluate_point(0, k, params, batch, first_endpoint + k, self.endpoint_sums)
 
     def _joint_test_step(self, batch: dict[str, Tensor]) -> None:
         for method in self.plan.methods:
@@ -385,12 +420,12 @@ class InterpolationModule(PairModule):
         return self.aligned_states([{}, self.pair_alignments[method][basis]], basis)
 
     def _evaluate_point(self, row: int, column: int, params: dict[str, Tensor], batch: dict[str, Tensor],
-                        metric_index: int) -> None:
+                        metric_index: int, sums: CurveSums | None = None) -> None:
         # its own frame: one point's parameters are freed before the next point's are built. Every parameter name
         # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
         state = {f"model.{k}": v for k, v in params.items()}
         output = functional_call(self.objective, state, (batch,), tie_weights=False)
-        self.curve_sums.update(row, column, output[0], output[1])
+        (sums or self.curve_sums).update(row, column, output[0], output[1])
         if self.task_metrics:
             self._update_task_metric(metric_index, output[2], batch["labels"])
 
@@ -404,6 +439,7 @@ class InterpolationModule(PairModule):
         if self.plan is not None:
             self._joint_results(losses[:, 0])
             return
+        endpoints = self._endpoint_results()
         curves: dict[str, dict[str, list[float]]] = {}
         barriers: dict[str, dict[str, float]] = {}
         for m, method in enumerate(self.methods):
@@ -411,8 +447,19 @@ class InterpolationModule(PairModule):
             barriers[method] = loss_barrier(self.lambdas, curves[method]["loss"])
             if self.task_metrics:
                 self._add_task_curve(m, curves[method], barriers[method])
+            barriers[method].update(midpoint_figures(self.lambdas, curves[method], endpoints))
             self._log_curve(method, curves[method], barriers[method])
-        self.results = {"lambdas": self.lambdas, "curves": curves, "barriers": barriers}
+        self.results = {"lambdas": self.lambdas, "curves": curves, "barriers": barriers, "endpoints": endpoints}
+
+    def _endpoint_results(self) -> dict[str, list[float]]:
+        """Loss (and task metrics) of models A and B as they are: [A, B] per figure."""
+        figures = {"loss": self.endpoint_sums.compute()[0].cpu().tolist()}
+        if self.task_metrics:
+            values = [{name: float(v) for name, v in m.compute().items()} for m in self.task_metrics[-2:]]
+            figures.update({name: [point[name] for point in values] for name in values[0]})
+            for metrics in self.task_metrics[-2:]:
+                metrics.reset()
+        return figures
 
     def _joint_results(self, losses: Tensor) -> None:
         metrics = None

@@ -1,0 +1,191 @@
+"""ZipIt! (Stoica et al., ICLR 2024): N models' features merged greedily — across models and within one — into one
+model of the same size (``zip[groups=...,alpha=...,beta=...]``).
+
+Per group, the correlation of all N·d features (every model's against every model's, its own included) drives a
+greedy agglomeration: the two most correlated clusters merge until d remain; a merged cluster's correlation with
+another is the smaller of its parts' (complete linkage) times ``alpha``, so grown clusters merge less readily; merges
+of two clusters of one model's features only are limited to a ``beta`` share of that model's merges (should these
+rules leave no allowed merge before d clusters remain, as with three models or more they can, the rest are chosen by
+mean correlation without them). Merged feature
+= mean of its cluster (merge matrix); each original feature reads its cluster's value (unmerge matrix). Attention is
+head-aware: heads are paired with model 0's as Head-Perm pairs them and each head is zipped on its own, so no
+feature moves across heads. Every model gets a `Zip` alignment; their average is the merged model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from lightning_merge.errors import ConfigError
+from lightning_merge.merge.alignment import Alignment, Zip
+from lightning_merge.merge.joint_methods import JointInputs, JointMethod
+from lightning_merge.merge.matching import RESIDUAL_POINTS, head_pairing, match_head_perm
+from lightning_merge.merge.method import STATISTICS
+from lightning_merge.merge.spec import PermGroup, PermutationSpec
+from lightning_merge.merge.stats import JointStatistics, normalise_covariance
+
+ZIPIT = ("Stoica et al., ZipIt! Merging Models from Different Tasks without Training, ICLR 2024, "
+         "https://arxiv.org/abs/2305.03053")
+
+
+def zip_features(corr: torch.Tensor, num_models: int, alpha: float, beta: float) -> torch.Tensor:
+    """ZipIt!'s greedy merge of N·d features (N blocks of d, model by model) into d clusters.
+
+    Args:
+        corr: (N·d, N·d) correlation of every model's features with every model's.
+        num_models: N.
+        alpha: factor on a merged cluster's correlations (complete linkage); 0: unscaled, but a cluster never takes a
+            second feature of a model it holds (N = 2: clusters stop at one feature of each model).
+        beta: share of a model's (N−1)·d/N merges that may join two clusters of its own features only.
+
+    Returns:
+        (N·d, d) 0/1 membership: column c marks the features of merged feature c.
+    """
+    total = corr.shape[0]
+    size = total // num_models
+    sims = corr.double().clone()
+    sims.fill_diagonal_(-torch.inf)
+    origin = torch.arange(total) // size  # the model a cluster's features all come from; -1: several
+    budget = torch.full((num_models,), int(beta * (total - size) / num_models + 1e-9))
+    members = torch.eye(total, dtype=torch.float64)
+    holds = torch.arange(total)[:, None] // size == torch.arange(num_models)[None, :]  # cluster -> models in it
+    active = torch.ones(total, dtype=torch.bool)
+    for model in range(num_models):
+        _close_if_spent(sims, origin, active, budget, model)
+    for _ in range(total - size):
+        best = int(torch.argmax(sims))
+        first, second = sorted(divmod(best, total))
+        if sims[first, second] == -torch.inf:  # the budget and linkage leave no merge: relink without them
+            sims = _average_linkage(corr.double(), members, active)
+            budget.fill_(total)
+            first, second = sorted(divmod(int(torch.argmax(sims)), total))
+        members[:, first] += members[:, second]
+        holds[first] |= holds[second]
+        active[second] = False
+        linked = torch.minimum(sims[first], sims[second])
+        if alpha > 0:
+            linked *= alpha
+        else:
+            linked[(holds & holds[first]).any(1)] = -torch.inf
+        sims[first, :], sims[:, first] = linked, linked
+        sims[second, :], sims[:, second] = -torch.inf, -torch.inf
+        sims[first, first] = -torch.inf
+        same = origin[first] == origin[second] and origin[first] >= 0
+        if same:
+            budget[origin[first]] -= 1
+            _close_if_spent(sims, origin, active, budget, int(origin[first]))
+        else:
+            origin[first] = -1
+    return members[:, active]
+
+
+def _average_linkage(corr: torch.Tensor, members: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """Mean correlation between the members of every two active clusters (−inf for inactive ones and itself)."""
+    sizes = members.sum(0)
+    sims = (members.T @ corr @ members) / (sizes[:, None] * sizes[None, :]).clamp(min=1)
+    sims[~active, :] = -torch.inf
+    sims[:, ~active] = -torch.inf
+    return sims.fill_diagonal_(-torch.inf)
+
+
+def _close_if_spent(sims: torch.Tensor, origin: torch.Tensor, active: torch.Tensor, budget: torch.Tensor,
+                    model: int) -> None:
+    """A model out of budget merges no two clusters made of its own features only."""
+    if budget[model] <= 0:
+        own = (origin == model) & active
+        sims[own[:, None] & own[None, :]] = -torch.inf
+
+
+def merge_and_unmerge(members: torch.Tensor, num_models: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per model, (N × its block of the merge matrix, its block of the unmerge matrix): what `Zip` holds."""
+    merge = (members / members.sum(0, keepdim=True)).T  # (d, N·d): merged feature = mean of its cluster
+    size = members.shape[1]
+    return [(num_models * merge[:, k * size:(k + 1) * size], members[k * size:(k + 1) * size])
+            for k in range(num_models)]
+
+
+class ZipIt(JointMethod):
+    """ZipIt! on every group it names; N ≥ 2 models, each zipped into the merged model's features."""
+
+    reference = ZIPIT
+    summary = "greedy merge of all models' features (within models too); merged model = average of zipped models"
+    needs = frozenset({STATISTICS})
+    function_preserving = False
+    permutations_only = False
+    moves_reference: ClassVar[bool] = True
+
+    @dataclass(frozen=True)
+    class Options:
+        groups: str = "ff+attn+res"
+        alpha: float = 0.3  # complete-linkage factor of a grown cluster (ZipIt!'s α)
+        beta: float = 0.125  # share of a model's merges that may stay within it (ZipIt!'s β)
+
+    def __init__(self, name: str, options: Any = None) -> None:
+        super().__init__(name, options)
+        from lightning_merge.merge.fusion import group_variants  # the registry imports this module
+
+        opts = self.options
+        if not 0 <= opts.beta <= 1:
+            raise ConfigError(f"method {name!r}: beta={opts.beta} asks for more within-model merges than a model "
+                              "has merges; it is the share of them, in [0, 1], e.g. zip[beta=0.125]")
+        if not 0 <= opts.alpha <= 1:
+            raise ConfigError(f"method {name!r}: alpha={opts.alpha} must lie in [0, 1], e.g. zip[alpha=0.3]")
+        self.variants = group_variants(name, opts.groups, "zip")
+
+    def statistics_features(self, spec: PermutationSpec) -> list[str]:
+        return spec.groups_of_kind(self.variants)
+
+    def own_features(self, spec: PermutationSpec) -> list[str]:
+        return spec.groups_of_kind(self.variants)
+
+    def fit_joint(self, inputs: JointInputs) -> list[dict[str, Alignment]]:
+        statistics = inputs.statistics
+        out: list[dict[str, Alignment]] = [{} for _ in range(inputs.num_models)]
+        for name in inputs.spec.groups_of_kind(self.variants):
+            group = inputs.spec.groups[name]
+            corr = _joint_correlation(statistics, group, self._points(group))
+            members = (_zip_heads(corr, group, inputs.num_models, self.options) if group.kind == "attn"
+                       else zip_features(corr, inputs.num_models, self.options.alpha, self.options.beta))
+            for alignments, (merge, unmerge) in zip(out, merge_and_unmerge(members, inputs.num_models)):
+                alignments[name] = Zip(merge, unmerge)
+        return out
+
+    def _points(self, group: PermGroup) -> slice | None:
+        return RESIDUAL_POINTS[self.variants["res"]] if group.kind == "res" else None
+
+
+def _joint_correlation(statistics: JointStatistics, group: PermGroup, points: slice | None) -> torch.Tensor:
+    """(N·d, N·d) correlation of every model's features of ``group`` with every model's (own statistics on the
+    diagonal blocks), covariances averaged over the group's points."""
+    if len(statistics.own) != statistics.num_models:
+        raise ConfigError(f"zip needs each model's own statistics of {group.name!r}; record them (own_features)")
+    n, size = statistics.num_models, group.size
+    covariance = torch.zeros(n * size, n * size, dtype=torch.float64)
+    variance, mean_square = torch.zeros(n * size, dtype=torch.float64), torch.zeros(n * size, dtype=torch.float64)
+    for k in range(n):
+        cov, var, _, msq, _ = statistics.own[k].moments(group.name, points)
+        block = slice(k * size, (k + 1) * size)
+        covariance[block, block], variance[block], mean_square[block] = cov.cpu(), var.cpu(), msq.cpu()
+        for j in range(k + 1, n):
+            cross = statistics.pair(k, j).moments(group.name, points)[0].cpu()
+            other = slice(j * size, (j + 1) * size)
+            covariance[block, other], covariance[other, block] = cross, cross.T
+    return normalise_covariance(covariance, variance, variance, mean_square, mean_square)
+
+
+def _zip_heads(corr: torch.Tensor, group: PermGroup, num_models: int, options: Any) -> torch.Tensor:
+    """Head-aware zip: every model's heads paired with model 0's (Head-Perm), each head zipped on its own."""
+    size, heads, head_dim = group.size, group.num_heads, group.head_dim
+    paired = [torch.arange(heads)] + [
+        head_pairing(match_head_perm(corr[:size, k * size:(k + 1) * size], heads), heads)
+        for k in range(1, num_models)]
+    members = torch.zeros(num_models * size, size, dtype=torch.float64)
+    for h in range(heads):
+        rows = torch.cat([k * size + int(paired[k][h]) * head_dim + torch.arange(head_dim)
+                          for k in range(num_models)])
+        block = zip_features(corr[rows][:, rows], num_models, options.alpha, options.beta)
+        members[rows, h * head_dim:(h + 1) * head_dim] = block
+    return members

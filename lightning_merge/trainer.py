@@ -277,8 +277,11 @@ class MergeTrainer(pl.Trainer):
             if ACTIVATIONS in needs:  # the first batches of the statistics data, the same on every rank
                 whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
 
+                special = _special_token_ids(datamodule, exclude_special)
+
                 def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
-                    return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count))
+                    return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count),
+                                           special)
 
             return FitInputs(model.spec, *weights, statistics=statistics, training=training, activations=activations)
         every = [_parameters(m) for m in model.all_models] if WEIGHTS in needs else None
@@ -298,8 +301,7 @@ class MergeTrainer(pl.Trainer):
         self, model: InterpolationModule, datamodule: Any, loader: Any, features: list[str], exclude_special: bool,
         statistics_dtype: str, timings: dict, own_features: list[str] | None = None,
     ) -> Any:
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        special_ids = tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
+        special_ids = _special_token_ids(datamodule, exclude_special)
         callback = MergeCallback(features, special_token_ids=special_ids, statistics_dtype=statistics_dtype,
                                  own_features=own_features or ())
         self.callbacks.append(callback)
@@ -413,6 +415,12 @@ class MergeTrainer(pl.Trainer):
 @rank_zero_only
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _special_token_ids(datamodule: Any, exclude_special: bool) -> list[int] | None:
+    """The tokens the statistics leave out (``exclude_special_tokens``): the tokenizer's special ones."""
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    return tokenizer.all_special_ids if exclude_special and tokenizer is not None else None
 
 
 def _with_references(alignments: Mapping[str, Any], references: Mapping[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from transformers import BertForMaskedLM
 from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import (
     Orthogonal,
-    Permutation,
     Transport,
     apply_alignments,
     load_alignments,
@@ -255,7 +254,25 @@ def test_fusion_methods_declare_what_they_are():
     assert isinstance(get_method("regmean[alpha=0.5]"), RegMean)
     described = get_method("ff+attn+res+regmean").describe()
     assert described["path"] == "regmean" and "Jin et al." in described["reference"]
-    assert isinstance(Permutation(torch.arange(3)), Permutation)
+
+
+@pytest.mark.parametrize("name", ["ff+attn+res+regmean", "ff+attn[linear]+res+regmean"])
+def test_regmean_moves_b_grams_into_a_basis_as_b_aligned_would_record_them(unrelated, name):
+    """B's Grams moved by the alignment equal the Grams of B's aligned model recorded directly (permutations and
+    per-head maps, the value/output subspace included)."""
+    model_a, model_b = unrelated
+    spec, alignments, paths = fitted(model_a, model_b, [name])
+    aligned = tiny_bert(1)
+    load_state_dict_tied(aligned, apply_alignments(model_b.state_dict(), spec, alignments[name]))
+    method = get_method(name)
+    own = method.own_features(spec)
+    recorded = collect_statistics(model_a, aligned, batches(), spec, ["ff.0"], products="float64", own_groups=own)
+    for weight, grams in paths[name].layers.items():
+        index, features = spec.inputs[weight]
+        gram, total, count = (t.double() for t in recorded.own_moments(features, 1))
+        direct = torch.cat([torch.cat([gram, total[:, None]], 1), torch.cat([total, count.reshape(1)])[None]], 0)
+        shrunk = 0.9 * direct + 0.1 * torch.diag(torch.diagonal(direct))
+        assert torch.allclose(grams.gram_b, shrunk, rtol=1e-9, atol=1e-9 * shrunk.abs().max()), weight
 
 
 def test_exact_repair_measures_the_merged_model_layer_by_layer(unrelated):
@@ -295,7 +312,15 @@ def test_regmean_on_a_classifier_fits_the_pooler_on_first_tokens():
     spec, alignments, paths = fitted(*models, ["ff+attn+res+regmean"])
     gram = paths["ff+attn+res+regmean"].layers["bert.pooler.dense.weight"].gram_a[-1, -1]  # the token count
     assert gram == len(batches()) * 8  # one token (the first) per sequence: 6 batches of 8
-    params = paths["ff+attn+res+regmean"].at(all_params(models[0]), aligned_params(models[1], spec,
-                                                                                   alignments["ff+attn+res+regmean"]),
-                                             0.5)
-    assert torch.isfinite(params["bert.pooler.dense.weight"]).all()
+    path = paths["ff+attn+res+regmean"]
+    params_a = all_params(models[0])
+    aligned_b = aligned_params(models[1], spec, alignments["ff+attn+res+regmean"])
+    merged = path.at(params_a, aligned_b, 0.5)
+    grams = path.layers["bert.pooler.dense.weight"]
+
+    def augmented(params):
+        return torch.cat([params["bert.pooler.dense.weight"], params["bert.pooler.dense.bias"][:, None]], 1).double()
+
+    gradient = 0.5 * ((augmented(merged) - augmented(params_a)) @ grams.gram_a
+                      + (augmented(merged) - augmented(aligned_b)) @ grams.gram_b)
+    assert gradient.abs().max() <= 1e-8 * grams.gram_a.abs().max()  # the least-squares fit on the CLS tokens

@@ -127,8 +127,13 @@ def token_mask(attention_mask: torch.Tensor, special_tokens_mask: torch.Tensor |
 def kept_tokens(value: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """(B, T, d) -> (N, d) rows of the kept tokens (``keep`` None: all of them, as a view, not a copy). A (B, d)
     value is one token per sequence already (a pooler's input: the first token's features), taken whole."""
-    if keep is None or value.ndim == 2:
+    if keep is None:
         return value.reshape(-1, value.shape[-1])
+    if value.ndim == 2:
+        if value.shape[0] != keep.shape[0]:
+            raise DataError(f"features of shape {tuple(value.shape)} are neither per token nor per sequence of a "
+                            f"batch of {keep.shape[0]}")
+        return value
     return value[keep.to(value.device)]
 
 
@@ -348,9 +353,12 @@ def feature_moments(
     spec: PermutationSpec,
     features: Sequence[str],
     batches: Iterable[Mapping[str, torch.Tensor]],
+    special_token_ids: Sequence[int] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Mean and variance of every feature of one-point feature sets over the real tokens of ``batches``, with
-    ``model`` run on ``params`` (by parameter name, tied aliases included) instead of its own weights.
+    ``model`` run on ``params`` (by parameter name, tied aliases included) instead of its own weights: only its
+    base model when every point lies in it. ``special_token_ids``: tokens left out, as the statistics pass leaves
+    them out with ``exclude_special_tokens``.
 
     Returns:
         feature set -> ((d,) mean, (d,) variance) in float64, in the order the forward pass reaches the sets (what a
@@ -369,13 +377,19 @@ def feature_moments(
             total[2] = total[2] + tokens.square().sum(0)
 
     device = next(iter(params.values())).device
+    runner, prefix = model, ""
+    if spec.base_prefix and not needs_heads(spec, features):
+        runner, prefix = model.get_submodule(spec.base_prefix.rstrip(".")), spec.base_prefix
+    weights = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+    special = torch.tensor(list(special_token_ids), device=device) if special_token_ids else None
     with FeatureRecorder(model, spec, list(features), on_capture=capture):
         for batch in batches:
             inputs = model_inputs(batch, spec.family) if spec.family else {
                 k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
             inputs = {name: value.to(device) for name, value in inputs.items()}
-            keep[0] = _drop_mask(token_mask(inputs["attention_mask"]))
-            torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, tie_weights=False)
+            leave_out = torch.isin(inputs["input_ids"], special) if special is not None else None
+            keep[0] = _drop_mask(token_mask(inputs["attention_mask"], leave_out))
+            torch.func.functional_call(runner, weights, args=(), kwargs=inputs, tie_weights=False)
     if not sums:
         raise DataError("measuring the merged model's features saw no batches; give the statistics data some text")
     out = {}

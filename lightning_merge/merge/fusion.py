@@ -256,9 +256,9 @@ def _feature_moments(statistics: MergeStatistics, spec: PermutationSpec, feature
     var_b = (point.sq_b / count - mean_b.square()).clamp(min=0)
     covariance = point.cross / count - mean_a[:, None] * mean_b[None, :]
     rows = torch.arange(group.size)
-    weights = tuple((name, index) for name, index in spec.group_axes[group.name]
+    writers = tuple((name, index) for name, index in spec.group_axes[group.name]
                     if _writes(spec.axes[name][index], name, spec))
-    return FeatureMoments(weights, mean_a.cpu(), mean_b[perm].cpu(), var_a.sqrt().cpu(), var_b[perm].sqrt().cpu(),
+    return FeatureMoments(writers, mean_a.cpu(), mean_b[perm].cpu(), var_a.sqrt().cpu(), var_b[perm].sqrt().cpu(),
                           covariance.cpu()[rows, perm])
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -35,8 +34,6 @@ _RIDGE = 1e-10  # RegMean's solve: ridge relative to the Gram's mean diagonal
 
 class InterpolationPath(ABC):
     """θ(λ) between A's parameters and B's aligned ones; exact at both endpoints."""
-
-    kind: ClassVar[str]
 
     def at(self, params_a: StateDict, params_b: StateDict, lam: float) -> dict[str, torch.Tensor]:
         """The merged parameters at ``lam`` (A's key order; tied aliases share their source's tensor)."""
@@ -56,13 +53,13 @@ class FeatureMoments:
     """The endpoints' statistics of one set of corrected features, in A's basis.
 
     Attributes:
-        weights: (weight name in the split state dict, index of its feature axis) of every tensor that writes the
+        writers: (name in the split state dict, index of its feature axis) of every tensor that writes the
             features: a layer's weight (rows scaled) and bias (scaled and shifted).
         mean_a, mean_b, std_a, std_b: (d,) per feature.
         covariance: (d,) covariance of A's feature i with B's aligned feature i.
     """
 
-    weights: tuple[tuple[str, int], ...]
+    writers: tuple[tuple[str, int], ...]
     mean_a: torch.Tensor
     mean_b: torch.Tensor
     std_a: torch.Tensor
@@ -77,7 +74,6 @@ class FeatureMoments:
         mean, _ = self.target(lam)
         variance = ((1 - lam) * self.std_a) ** 2 + (lam * self.std_b) ** 2 + 2 * lam * (1 - lam) * self.covariance
         return self.affine_to(lam, mean, variance)
-
 
     def target(self, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, standard deviation) the features should have at ``lam``: the endpoints' interpolated."""
@@ -105,8 +101,6 @@ class RepairPath(InterpolationPath):
     sees them); the corrections are kept per λ.
     """
 
-    kind = "repair"
-
     def __init__(self, spec: PermutationSpec, features: Mapping[str, FeatureMoments],
                  measure: Measure | None = None) -> None:
         self.spec = spec
@@ -122,7 +116,8 @@ class RepairPath(InterpolationPath):
             self._measured[lam] = self._measure_corrections(line, lam)
         return self._apply(line, self._measured[lam])
 
-    def _measure_corrections(self, line: dict[str, torch.Tensor], lam: float) -> dict:
+    def _measure_corrections(self, line: dict[str, torch.Tensor], lam: float
+                             ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         params = line
         while len(corrections) < len(self.features):
@@ -137,7 +132,7 @@ class RepairPath(InterpolationPath):
         """The line with each corrected feature set's writers rescaled (weights, biases) and shifted (biases)."""
         split = self.spec.split(line)
         for name, (scale, shift) in corrections.items():
-            for weight, index in self.features[name].weights:
+            for weight, index in self.features[name].writers:
                 tensor = split[weight]
                 shape = [1] * tensor.ndim
                 shape[index] = -1
@@ -165,27 +160,38 @@ class LayerGrams:
 
 
 class RegMeanPath(InterpolationPath):
-    """RegMean's merge of every linear layer that reads an aligned group (`LayerGrams` per weight name)."""
+    """RegMean's merge of every linear layer that reads an aligned group (`LayerGrams` per weight name).
 
-    kind = "regmean"
+    The endpoints are the same at every call of a merge, so each λ's merged layers are solved once and kept (one
+    copy of the linear layers per λ of the grid, in their own dtype, on their device)."""
 
     def __init__(self, spec: PermutationSpec, layers: Mapping[str, LayerGrams]) -> None:
         self.spec = spec
         self.layers = dict(layers)
+        self._solved: dict[tuple[float, torch.device], dict[str, torch.Tensor]] = {}
 
     def _correct(self, line: dict[str, torch.Tensor], params_a: StateDict, params_b: StateDict,
                  lam: float) -> dict[str, torch.Tensor]:
-        split, split_a, split_b = self.spec.split(line), self.spec.split(params_a), self.spec.split(params_b)
+        split = self.spec.split(line)
+        key = (lam, next(iter(line.values())).device)
+        if key not in self._solved:
+            self._solved[key] = self._solve(split, self.spec.split(params_a), self.spec.split(params_b), lam)
+        split.update(self._solved[key])
+        return _joined(self.spec, split, line)
+
+    def _solve(self, split: Mapping[str, torch.Tensor], split_a: StateDict, split_b: StateDict,
+               lam: float) -> dict[str, torch.Tensor]:
+        """Every merged layer's weight (and bias) at ``lam``, by name in the split state dict."""
+        out = {}
         for name, grams in self.layers.items():
             weight_a, weight_b = (_augmented(side, name, grams) for side in (split_a, split_b))
             merged = (1 - lam) * weight_a + lam * weight_b + self._departure(weight_a, weight_b, grams, lam)
             dtype = split[name].dtype
             if grams.bias is not None:
-                split[grams.bias] = merged[:, -1].to(dtype)
+                out[grams.bias] = merged[:, -1].to(dtype)
                 merged = merged[:, :-1]
-            split[name] = (merged.T if grams.index == 0 else merged).to(dtype).contiguous()
-        return _joined(self.spec, split, line)
-
+            out[name] = (merged.T if grams.index == 0 else merged).to(dtype).contiguous()
+        return out
 
     @staticmethod
     def _departure(weight_a: torch.Tensor, weight_b: torch.Tensor, grams: LayerGrams, lam: float) -> torch.Tensor:

@@ -271,6 +271,9 @@ class MergeStatistics:
         other.check_spec(self.spec, self.groups)
         for key, stats in self.points.items():
             stats.merge(other.points[key])
+        if self.own is not None and other.own is not None:
+            for own, others in zip(self.own, other.own):
+                own.merge(others)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Every sum as ``"{point key}/{field}"`` -> tensor, in a fixed order (the same on every rank).

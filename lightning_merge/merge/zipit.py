@@ -37,49 +37,73 @@ def zip_features(corr: torch.Tensor, num_models: int, alpha: float, beta: float)
     Args:
         corr: (N·d, N·d) correlation of every model's features with every model's.
         num_models: N.
-        alpha: factor on a merged cluster's correlations (complete linkage); 0: unscaled, but a cluster never takes a
-            second feature of a model it holds (N = 2: clusters stop at one feature of each model).
+        alpha: factor on a merged cluster's positive correlations (complete linkage); 0: unscaled, but a cluster
+            never takes a second feature of a model it holds (N = 2: clusters stop at one feature of each model).
         beta: share of a model's (N−1)·d/N merges that may join two clusters of its own features only.
 
     Returns:
         (N·d, d) 0/1 membership: column c marks the features of merged feature c.
     """
-    total = corr.shape[0]
-    size = total // num_models
-    sims = corr.double().clone()
-    sims.fill_diagonal_(-torch.inf)
-    origin = torch.arange(total) // size  # the model a cluster's features all come from; -1: several
-    budget = torch.full((num_models,), int(beta * (total - size) / num_models + 1e-9))
-    members = torch.eye(total, dtype=torch.float64)
-    holds = torch.arange(total)[:, None] // size == torch.arange(num_models)[None, :]  # cluster -> models in it
-    active = torch.ones(total, dtype=torch.bool)
-    for model in range(num_models):
-        _close_if_spent(sims, origin, active, budget, model)
-    for _ in range(total - size):
-        best = int(torch.argmax(sims))
-        first, second = sorted(divmod(best, total))
-        if sims[first, second] == -torch.inf:  # the budget and linkage leave no merge: relink without them
-            sims = _average_linkage(corr.double(), members, active)
-            budget.fill_(total)
-            first, second = sorted(divmod(int(torch.argmax(sims)), total))
-        members[:, first] += members[:, second]
-        holds[first] |= holds[second]
-        active[second] = False
-        linked = torch.minimum(sims[first], sims[second])
-        if alpha > 0:
-            linked *= alpha
+    zipper = _Zipper(corr.double(), num_models, alpha, beta)
+    for _ in range(corr.shape[0] - corr.shape[0] // num_models):
+        zipper.merge(*zipper.best_pair())
+    return zipper.members[:, zipper.active]
+
+
+class _Zipper:
+    """The state of one greedy zip: clusters (membership columns), their linkage, and each model's budget."""
+
+    def __init__(self, corr: torch.Tensor, num_models: int, alpha: float, beta: float) -> None:
+        total = corr.shape[0]
+        size = total // num_models
+        self.corr, self.alpha = corr, alpha
+        self.sims = corr.clone().fill_diagonal_(-torch.inf)
+        self.members = torch.eye(total, dtype=torch.float64)
+        self.active = torch.ones(total, dtype=torch.bool)
+        self.holds = torch.arange(total)[:, None] // size == torch.arange(num_models)[None, :]  # cluster -> models
+        self.origin = torch.arange(total) // size  # the one model a cluster's features come from; -1: several
+        self.budget = torch.full((num_models,), int(beta * (total - size) / num_models + 1e-9))
+        # pairs of one model's own clusters after its budget is spent: kept apart from the linkage, so a mixed
+        # cluster's correlations never inherit the ban
+        self.blocked = torch.zeros(total, total, dtype=torch.bool)
+        for model in range(num_models):
+            self._close_if_spent(model)
+
+    def best_pair(self) -> tuple[int, int]:
+        allowed = self.sims.masked_fill(self.blocked, -torch.inf)
+        best = int(torch.argmax(allowed))
+        if allowed.view(-1)[best] == -torch.inf:  # the budget and linkage leave no merge: go on without them
+            self.sims = _average_linkage(self.corr, self.members, self.active)
+            self.blocked.fill_(False)
+            self.budget.fill_(self.corr.shape[0])
+            best = int(torch.argmax(self.sims))
+        first, second = sorted(divmod(best, self.corr.shape[0]))
+        return first, second
+
+    def merge(self, first: int, second: int) -> None:
+        self.members[:, first] += self.members[:, second]
+        self.holds[first] |= self.holds[second]
+        self.active[second] = False
+        linked = torch.minimum(self.sims[first], self.sims[second])
+        if self.alpha > 0:  # a grown cluster merges less readily; a negative correlation is not raised by it
+            linked = torch.where(linked > 0, linked * self.alpha, linked)
         else:
-            linked[(holds & holds[first]).any(1)] = -torch.inf
-        sims[first, :], sims[:, first] = linked, linked
-        sims[second, :], sims[:, second] = -torch.inf, -torch.inf
-        sims[first, first] = -torch.inf
-        same = origin[first] == origin[second] and origin[first] >= 0
-        if same:
-            budget[origin[first]] -= 1
-            _close_if_spent(sims, origin, active, budget, int(origin[first]))
+            linked[(self.holds & self.holds[first]).any(1)] = -torch.inf
+        self.sims[first, :], self.sims[:, first] = linked, linked
+        self.sims[second, :], self.sims[:, second] = -torch.inf, -torch.inf
+        self.sims[first, first] = -torch.inf
+        if self.origin[first] >= 0 and self.origin[first] == self.origin[second]:
+            self.budget[self.origin[first]] -= 1
+            self._close_if_spent(int(self.origin[first]))
         else:
-            origin[first] = -1
-    return members[:, active]
+            self.origin[first] = -1
+            self.blocked[first, :], self.blocked[:, first] = False, False
+
+    def _close_if_spent(self, model: int) -> None:
+        """A model out of budget merges no two clusters made of its own features only."""
+        if self.budget[model] <= 0:
+            own = (self.origin == model) & self.active
+            self.blocked |= own[:, None] & own[None, :]
 
 
 def _average_linkage(corr: torch.Tensor, members: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -89,14 +113,6 @@ def _average_linkage(corr: torch.Tensor, members: torch.Tensor, active: torch.Te
     sims[~active, :] = -torch.inf
     sims[:, ~active] = -torch.inf
     return sims.fill_diagonal_(-torch.inf)
-
-
-def _close_if_spent(sims: torch.Tensor, origin: torch.Tensor, active: torch.Tensor, budget: torch.Tensor,
-                    model: int) -> None:
-    """A model out of budget merges no two clusters made of its own features only."""
-    if budget[model] <= 0:
-        own = (origin == model) & active
-        sims[own[:, None] & own[None, :]] = -torch.inf
 
 
 def merge_and_unmerge(members: torch.Tensor, num_models: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -100,3 +100,16 @@ def test_zip_merges_three_models_into_one():
 def test_bad_zip_options_name_the_problem(name, message):
     with pytest.raises(ConfigError, match=message):
         get_method(name)
+
+
+def test_a_spent_budget_bans_only_merges_within_one_model():
+    """With no budget A0 and A1 may not merge with each other, but once A0 has joined B0 the mixed cluster may take
+    A1; the ban is not inherited through the linkage."""
+    corr = torch.tensor([[1.0, 0.95, 0.9, 0.1],   # A0
+                         [0.95, 1.0, 0.9, 0.1],   # A1
+                         [0.9, 0.9, 1.0, 0.1],    # B0
+                         [0.1, 0.1, 0.1, 1.0]],   # B1
+                        dtype=torch.float64)
+    members = zip_features(corr, 2, alpha=0.5, beta=0)
+    clusters = {tuple(column.nonzero().flatten().tolist()) for column in members.T}
+    assert clusters == {(0, 1, 2), (3,)}

@@ -40,7 +40,16 @@ from lightning_merge.merge.joint_methods import (
     permutations_only,
     with_identities,
 )
-from lightning_merge.merge.method import ACTIVATIONS, LOSS, STATISTICS, WEIGHTS, FitInputs, MergeMethod, TrainingLoss
+from lightning_merge.merge.method import (
+    ACTIVATIONS,
+    LOSS,
+    STATISTICS,
+    WEIGHTS,
+    ActivationMoments,
+    FitInputs,
+    MergeMethod,
+    TrainingLoss,
+)
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.stats import STATISTICS_DTYPE, product_dtype
 from lightning_merge.models import check_checkpoint, check_finite
@@ -274,15 +283,8 @@ class MergeTrainer(pl.Trainer):
         if model.num_models == 2:
             weights = (_parameters(model.model_a), _parameters(model.model_b)) if WEIGHTS in needs else (None, None)
             activations = None
-            if ACTIVATIONS in needs:  # the first batches of the statistics data, the same on every rank
-                whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
-
-                special = _special_token_ids(datamodule, exclude_special)
-
-                def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
-                    return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count),
-                                           special)
-
+            if ACTIVATIONS in needs:
+                activations = _activation_moments(model, loader, _special_token_ids(datamodule, exclude_special))
             return FitInputs(model.spec, *weights, statistics=statistics, training=training, activations=activations)
         every = [_parameters(m) for m in model.all_models] if WEIGHTS in needs else None
 
@@ -417,6 +419,18 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def _activation_moments(model: InterpolationModule, loader: DataLoader, special: list[int] | None
+                        ) -> ActivationMoments:
+    """`FitInputs.activations` of a pair merge: model A's structure run on the first batches of the statistics data,
+    the same on every rank (the loader unsplit)."""
+    whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+    def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
+        return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count), special)
+
+    return activations
+
+
 def _special_token_ids(datamodule: Any, exclude_special: bool) -> list[int] | None:
     """The tokens the statistics leave out (``exclude_special_tokens``): the tokenizer's special ones."""
     tokenizer = getattr(datamodule, "tokenizer", None)
@@ -425,14 +439,10 @@ def _special_token_ids(datamodule: Any, exclude_special: bool) -> list[int] | No
 
 def _with_references(alignments: Mapping[str, Any], references: Mapping[str, Any]) -> dict[str, Any]:
     """A pair merge's alignments to save: a method that transforms model A too (ZipIt!) under ``method/model0`` and
-    ``method/model1``, as N-model merges key them."""
-    out = {}
-    for name, groups in alignments.items():
-        if name in references:
-            out.update({f"{name}/model0": references[name], f"{name}/model1": groups})
-        else:
-            out[name] = groups
-    return out
+    ``method/model1``, as N-model merges key them (`_alignments_by_model`)."""
+    both = {name: [references[name], groups] for name, groups in alignments.items() if name in references}
+    alone = {name: groups for name, groups in alignments.items() if name not in references}
+    return {**alone, **_alignments_by_model(both, {})}
 
 
 def _report_folding(model: InterpolationModule) -> dict[str, list[str]]:

@@ -255,7 +255,6 @@ class PairStatisticsRecorder(StatisticsRecorder):
         super().__init__((model_a, model_b), JointStatistics.from_pairs({(0, 1): statistics}, 2))
 
 
-
 @torch.no_grad()
 def collect_statistics(
     model_a: torch.nn.Module,
@@ -308,14 +307,11 @@ def collect_joint_statistics(
     model's own statistics of ``own_groups``, see `JointStatistics`)."""
     statistics = JointStatistics(spec, len(models), groups, device or next(models[0].parameters()).device, products,
                                  own_groups)
-    heads = needs_heads(spec, [*statistics.groups, *own_groups])
-    runners = [model if heads or not spec.base_prefix else model.get_submodule(spec.base_prefix.rstrip("."))
-               for model in models]
+    runners = [feature_runner(model, spec, [*statistics.groups, *own_groups])[0] for model in models]
     with StatisticsRecorder(models, statistics) as recorder:
         for batch in batches:
             recorder.begin_batch(*_token_masks(batch, exclude_special_tokens))
-            inputs = model_inputs(batch, spec.family) if spec.family else {
-                k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
+            inputs = _model_inputs(batch, spec)
             for k, (model, run) in enumerate(zip(models, runners)):
                 if all(model is not earlier for earlier in models[:k]):  # one model twice: its hooks all fire at once
                     run(**_to(inputs, model))
@@ -339,6 +335,21 @@ def needs_heads(spec: PermutationSpec, groups: Iterable[str]) -> bool:
     base model and skips the heads (e.g. a 30k-vocab decoder)."""
     prefix = spec.base_prefix
     return any(not point.module.startswith(prefix) for group in groups for point in spec.points[group])
+
+
+def feature_runner(model: torch.nn.Module, spec: PermutationSpec, groups: Iterable[str]) -> tuple[torch.nn.Module, str]:
+    """The module a pass that records ``groups`` runs — the base model unless a point lies in a head — and the
+    prefix its parameter names lack."""
+    if spec.base_prefix and not needs_heads(spec, groups):
+        return model.get_submodule(spec.base_prefix.rstrip(".")), spec.base_prefix
+    return model, ""
+
+
+def _model_inputs(batch: Mapping[str, torch.Tensor], spec: PermutationSpec) -> dict[str, torch.Tensor]:
+    """What the models take of a batch: the family's inputs, or everything but masks and labels."""
+    if spec.family:
+        return model_inputs(batch, spec.family)
+    return {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def _to(inputs: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -377,16 +388,12 @@ def feature_moments(
             total[2] = total[2] + tokens.square().sum(0)
 
     device = next(iter(params.values())).device
-    runner, prefix = model, ""
-    if spec.base_prefix and not needs_heads(spec, features):
-        runner, prefix = model.get_submodule(spec.base_prefix.rstrip(".")), spec.base_prefix
+    runner, prefix = feature_runner(model, spec, features)
     weights = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
     special = torch.tensor(list(special_token_ids), device=device) if special_token_ids else None
     with FeatureRecorder(model, spec, list(features), on_capture=capture):
         for batch in batches:
-            inputs = model_inputs(batch, spec.family) if spec.family else {
-                k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-            inputs = {name: value.to(device) for name, value in inputs.items()}
+            inputs = {name: value.to(device) for name, value in _model_inputs(batch, spec).items()}
             leave_out = torch.isin(inputs["input_ids"], special) if special is not None else None
             keep[0] = _drop_mask(token_mask(inputs["attention_mask"], leave_out))
             torch.func.functional_call(runner, weights, args=(), kwargs=inputs, tie_weights=False)

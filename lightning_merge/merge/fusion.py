@@ -250,16 +250,13 @@ def _feature_moments(statistics: MergeStatistics, spec: PermutationSpec, feature
         raise ConfigError(f"repair needs group {group.name!r} permuted, got a {alignment.kind} alignment")
     perm = alignment.perm.cpu()
     (point,) = statistics.group_points(features)
-    count = point.count.clamp(min=1)
-    mean_a, mean_b = point.sum_a / count, point.sum_b / count
-    var_a = (point.sq_a / count - mean_a.square()).clamp(min=0)
-    var_b = (point.sq_b / count - mean_b.square()).clamp(min=0)
-    covariance = point.cross / count - mean_a[:, None] * mean_b[None, :]
-    rows = torch.arange(group.size)
+    covariance, var_a, var_b, _, _ = point.moments()
+    mean_a, mean_b = point.sum_a / point.count, point.sum_b / point.count
+    std_a, std_b = var_a.clamp(min=0).sqrt(), var_b.clamp(min=0).sqrt()
     writers = tuple((name, index) for name, index in spec.group_axes[group.name]
                     if _writes(spec.axes[name][index], name, spec))
-    return FeatureMoments(writers, mean_a.cpu(), mean_b[perm].cpu(), var_a.sqrt().cpu(), var_b[perm].sqrt().cpu(),
-                          covariance.cpu()[rows, perm])
+    return FeatureMoments(writers, mean_a.cpu(), mean_b[perm].cpu(), std_a.cpu(), std_b[perm].cpu(),
+                          covariance.cpu()[torch.arange(group.size), perm])
 
 
 def _writes(axis: Axis, name: str, spec: PermutationSpec) -> bool:

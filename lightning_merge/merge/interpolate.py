@@ -1,4 +1,5 @@
-"""Linear interpolation θ(λ) = (1−λ)·θ_A + λ·π(θ_B) between two state dicts, and loss barriers (pure functions).
+"""Linear interpolation θ(λ) = (1−λ)·θ_A + λ·π(θ_B) between two state dicts, loss barriers and midpoint figures
+(pure functions).
 
 Floating tensors are interpolated in at least float32 and cast back to their dtype; non-floating buffers
 (``position_ids``) are taken from A; tied weights (two names, one storage, e.g. the MLM decoder and the word
@@ -186,3 +187,18 @@ def loss_barrier(lambdas: Sequence[float], losses: Sequence[float]) -> dict[str,
         "loss_a": loss_a,
         "loss_b": loss_b,
     }
+
+
+def midpoint_figures(lambdas: Sequence[float], curve: Mapping[str, Sequence[float]],
+                     endpoints: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """The merged model at the λ nearest ½ against models A and B as they are: ``midpoint_loss`` and
+    ``midpoint_excess`` (its loss minus the endpoints' mean), and per task metric ``midpoint_<metric>`` and
+    ``midpoint_<metric>_drop`` (the endpoints' mean minus it)."""
+    index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - 0.5))
+    figures = {"midpoint_lambda": float(lambdas[index])}
+    for name, values in curve.items():
+        mean = sum(endpoints[name]) / len(endpoints[name])
+        figures[f"midpoint_{name}"] = float(values[index])
+        key, sign = ("midpoint_excess", 1) if name == "loss" else (f"midpoint_{name}_drop", -1)
+        figures[key] = sign * (float(values[index]) - mean)
+    return figures

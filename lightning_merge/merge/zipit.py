@@ -21,6 +21,7 @@ import torch
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.merge.alignment import Alignment, Zip
+from lightning_merge.merge.fusion import group_variants
 from lightning_merge.merge.joint_methods import JointInputs, JointMethod
 from lightning_merge.merge.matching import RESIDUAL_POINTS, head_pairing, match_head_perm
 from lightning_merge.merge.method import STATISTICS
@@ -141,8 +142,6 @@ class ZipIt(JointMethod):
 
     def __init__(self, name: str, options: Any = None) -> None:
         super().__init__(name, options)
-        from lightning_merge.merge.fusion import group_variants  # the registry imports this module
-
         opts = self.options
         if not 0 <= opts.beta <= 1:
             raise ConfigError(f"method {name!r}: beta={opts.beta} asks for more within-model merges than a model "

@@ -35,6 +35,7 @@ from lightning_merge.merge.interpolate import (
     combine_state_dicts,
     interpolate_state_dicts,
     loss_barrier,
+    midpoint_figures,
 )
 from lightning_merge.merge.joint_curves import JointPlan, Pair, check_simplex_steps
 from lightning_merge.merge.paths import InterpolationPath
@@ -169,21 +170,6 @@ class PairModule(pl.LightningModule):
 
     def configure_optimizers(self) -> None:
         return None
-
-
-def midpoint_figures(lambdas: Sequence[float], curve: Mapping[str, Sequence[float]],
-                     endpoints: Mapping[str, Sequence[float]]) -> dict[str, float]:
-    """The merged model at the λ nearest ½ against models A and B as they are: ``midpoint_loss`` and
-    ``midpoint_excess`` (its loss minus the endpoints' mean), and per task metric ``midpoint_<metric>`` and
-    ``midpoint_<metric>_drop`` (the endpoints' mean minus it)."""
-    index = min(range(len(lambdas)), key=lambda i: abs(lambdas[i] - 0.5))
-    figures = {"midpoint_lambda": float(lambdas[index])}
-    for name, values in curve.items():
-        mean = sum(endpoints[name]) / len(endpoints[name])
-        figures[f"midpoint_{name}"] = float(values[index])
-        key, sign = ("midpoint_excess", 1) if name == "loss" else (f"midpoint_{name}_drop", -1)
-        figures[key] = sign * (float(values[index]) - mean)
-    return figures
 
 
 class CurveSums(torchmetrics.Metric):
@@ -455,18 +441,12 @@ class InterpolationModule(PairModule):
         """Loss (and task metrics) of models A and B as they are: [A, B] per figure."""
         figures = {"loss": self.endpoint_sums.compute()[0].cpu().tolist()}
         if self.task_metrics:
-            values = [{name: float(v) for name, v in m.compute().items()} for m in self.task_metrics[-2:]]
+            values = _computed(self.task_metrics[-2:])
             figures.update({name: [point[name] for point in values] for name in values[0]})
-            for metrics in self.task_metrics[-2:]:
-                metrics.reset()
         return figures
 
     def _joint_results(self, losses: Tensor) -> None:
-        metrics = None
-        if self.task_metrics:
-            metrics = [{name: float(v) for name, v in point.compute().items()} for point in self.task_metrics]
-            for point in self.task_metrics:
-                point.reset()
+        metrics = _computed(self.task_metrics) if self.task_metrics else None
         self.results = {**self.plan.results(losses.tolist(), metrics), "models": self.model_paths}
         for method in self.plan.methods:
             for pair, figures in self.results["barriers"][method].items():
@@ -491,15 +471,13 @@ class InterpolationModule(PairModule):
 
     def _add_task_curve(self, m: int, curve: dict, barrier: dict) -> None:
         points = self.task_metrics[m * len(self.lambdas) : (m + 1) * len(self.lambdas)]
-        values = [{name: float(v) for name, v in metrics.compute().items()} for metrics in points]
+        values = _computed(points)
         for name in values[0]:
             curve[name] = [point[name] for point in values]
             # a metric should be high: its barrier is the largest drop below the line between the endpoints
             drop = loss_barrier(self.lambdas, [-v for v in curve[name]])
             barrier.update({f"{name}_barrier": drop["barrier"], f"{name}_barrier_midpoint": drop["barrier_midpoint"],
                             f"{name}_a": curve[name][0], f"{name}_b": curve[name][-1]})
-        for metrics in points:
-            metrics.reset()
 
     def _log_curve(self, method: str, curve: Mapping[str, list[float]], barrier: Mapping[str, float]) -> None:
         for name, values in curve.items():
@@ -507,3 +485,11 @@ class InterpolationModule(PairModule):
                 self.log(f"test/{method}/{name}@lambda={lam:.2f}", value, rank_zero_only=True)
         for key, value in barrier.items():
             self.log(f"test/{key}/{method}", value, rank_zero_only=True)
+
+
+def _computed(points: Sequence[torchmetrics.MetricCollection]) -> list[dict[str, float]]:
+    """Each point's task metrics (reduced over ranks), the points then reset for the next epoch."""
+    values = [{name: float(v) for name, v in metrics.compute().items()} for metrics in points]
+    for metrics in points:
+        metrics.reset()
+    return values

@@ -17,6 +17,11 @@ from lightning_merge.merge.families import Family, family_of_class, model_inputs
 IGNORE_INDEX = -100
 
 
+def _at_least_float32(x: Tensor) -> Tensor:
+    """Half-precision logits (autocast) in float32 for the loss; float64 ones stay float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def family_of(model: nn.Module) -> Family:
     """The family record of an HF model instance (`UnsupportedModel` lists the supported classes)."""
     return family_of_class(type(model).__name__)
@@ -31,8 +36,22 @@ class _LanguageModelObjective(nn.Module):
         self.family = family_of(model)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        losses, _ = self.token_losses(batch)
-        return losses.sum(), torch.tensor(losses.numel(), device=losses.device)
+        return self.outputs(*self.predictions(batch))
+
+    def predictions(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(logits (n, vocab), targets (n,)) at the positions the loss is taken."""
+        logits, targets, _ = self._predicted(batch)
+        return logits, targets
+
+    def outputs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """(summed loss, item count) of ``logits`` against ``targets`` (e.g. of a mixture of models' logits)."""
+        loss_sum = F.cross_entropy(_at_least_float32(logits), targets, reduction="sum")
+        return loss_sum, torch.tensor(targets.numel(), device=targets.device)
+
+    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Per-token losses at the predicted positions, and the ``(B, T)`` boolean mask of those positions."""
+        logits, targets, positions = self._predicted(batch)
+        return F.cross_entropy(_at_least_float32(logits), targets, reduction="none"), positions
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM logits of (N, d) hidden states through the family's head modules."""
@@ -43,34 +62,31 @@ class _LanguageModelObjective(nn.Module):
     def hidden_states(self, batch: dict[str, Tensor]) -> Tensor:
         return self.model.base_model(**model_inputs(batch, self.family)).last_hidden_state  # (B, T, d)
 
-    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    def _predicted(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(logits, targets, (B, T) mask of the positions they are taken at)."""
         raise NotImplementedError
 
 
 class MaskedLMObjective(_LanguageModelObjective):
     """Cross-entropy at masked positions only: the decoder runs on ~15% of tokens, not all of them."""
 
-    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-token losses at the masked positions, and the ``(B, T)`` boolean mask of those positions."""
+    def _predicted(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         hidden = self.hidden_states(batch)
         labels = batch["labels"]
         masked = labels != IGNORE_INDEX
-        logits = self.logits(hidden[masked])  # (n_masked, vocab)
-        return F.cross_entropy(logits.float(), labels[masked], reduction="none"), masked
+        return self.logits(hidden[masked]), labels[masked], masked  # logits (n_masked, vocab)
 
 
 class CausalLMObjective(_LanguageModelObjective):
     """Next-token cross-entropy: position t predicts ``labels[t + 1]`` (HF's convention: labels are the inputs,
     ``-100`` where no loss is taken, e.g. padding)."""
 
-    def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Per-token losses, and the ``(B, T)`` mask of the positions whose next token is predicted."""
+    def _predicted(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         hidden = self.hidden_states(batch)
         targets = batch["labels"][:, 1:]
         predicting = torch.zeros_like(batch["labels"], dtype=torch.bool)
         predicting[:, :-1] = targets != IGNORE_INDEX
-        logits = self.logits(hidden[predicting])  # (n_predicted, vocab)
-        return F.cross_entropy(logits.float(), targets[predicting[:, :-1]], reduction="none"), predicting
+        return self.logits(hidden[predicting]), targets[predicting[:, :-1]], predicting
 
 
 class SequenceClassificationObjective(nn.Module):
@@ -82,8 +98,15 @@ class SequenceClassificationObjective(nn.Module):
         self.family = family_of(model)
 
     def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        logits = self.model(**model_inputs(batch, self.family)).logits.float()  # (B, num_labels)
-        labels = batch["labels"]
+        return self.outputs(*self.predictions(batch))
+
+    def predictions(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(logits (B, num_labels), labels (B,))."""
+        return self.model(**model_inputs(batch, self.family)).logits, batch["labels"]
+
+    def outputs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(summed loss, example count, logits) of ``logits`` against ``labels``."""
+        logits = _at_least_float32(logits)
         if self.model.config.num_labels == 1:
             loss_sum = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
         else:

@@ -169,6 +169,11 @@ class MergeTrainer(pl.Trainer):
         chosen = self._check_request(run_dir, names, export_method, overwrite, model.num_models)
         for method in chosen.values():
             method.check_spec(model.spec)
+        splits = {name: layer for name, method in chosen.items()
+                  if (layer := method.split_layer(model.spec)) is not None}
+        if export_method in splits:
+            raise ConfigError(f"export_method {export_method!r} makes a two-headed model (a shared trunk and each "
+                              "model's own layers), which no single checkpoint holds; export another method")
         product_dtype(statistics_dtype)  # an unknown name fails before any work
         if statistics_batch_size is not None and statistics_batch_size < 1:
             raise ConfigError(f"statistics_batch_size={statistics_batch_size} must be at least 1, or null")
@@ -196,10 +201,10 @@ class MergeTrainer(pl.Trainer):
             paths: dict[str, Any] = {}
             references: dict[str, Any] = {}
             alignments = self._fit_alignments(model, chosen, inputs, timings, paths, references)
-            model.set_methods(alignments, _task_metrics(datamodule), paths, references)
+            model.set_methods(alignments, _task_metrics(datamodule), paths, references, splits)
         else:
             joint, pairwise = self._fit_joint_alignments(chosen, inputs, timings)
-            model.set_joint_methods(joint, pairwise, _task_metrics(datamodule))
+            model.set_joint_methods(joint, pairwise, _task_metrics(datamodule), splits)
             alignments = _alignments_by_model(joint, pairwise)
         untied = _report_folding(model)
         release_freed_memory()  # the statistics and correlations, before the curves' parameters and activations

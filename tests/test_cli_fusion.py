@@ -14,7 +14,8 @@ from lightning_merge.merge.alignment import Zip, load_alignments
 
 corpus_and_tokenizer = test_cli_families.corpus_and_tokenizer  # the same module-scoped fixture
 
-FUSION = ["ff+attn+res+repair", "ff+attn+res+repair[exact=true,batches=2]", "ff+attn+res+regmean", "ot", "zip"]
+FUSION = ["ff+attn+res+repair", "ff+attn+res+repair[exact=true,batches=2]", "ff+attn+res+regmean", "ot",
+          "zip[layers=1]", "zip"]
 
 
 def test_fusion_methods_report_their_merged_model(corpus_and_tokenizer, tmp_path) -> None:
@@ -53,6 +54,8 @@ def test_fusion_methods_report_their_merged_model(corpus_and_tokenizer, tmp_path
         (2, ["ot[reg=0]"], "reg=0.0 must be a positive number"),
         (2, ["zip[beta=3]"], "beta=3.0 asks for more within-model merges than a model has merges"),
         (2, ["ff+attn[linear]+res+repair"], "compose it with permutations, e.g. ff+attn+res+repair"),
+        (2, ["zip[layers=1]"], "export_method 'zip[layers=1]' makes a two-headed model"),
+        (2, ["zip[layers=5]"], "layers=5 but the models have 2 layers"),
     ],
 )
 def test_bad_fusion_requests_are_one_line(corpus_and_tokenizer, tmp_path, capsys, count, methods, message) -> None:
@@ -62,3 +65,20 @@ def test_bad_fusion_requests_are_one_line(corpus_and_tokenizer, tmp_path, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run" / "barriers.json").exists()
+
+
+def test_a_partial_zip_of_a_planted_copy_is_the_model(corpus_and_tokenizer, tmp_path) -> None:
+    """Zipping a permuted copy's first layer gives A's own trunk (stream in A's basis); each tail reads it back
+    in its own basis, so every point of the two-headed path is the model itself."""
+    corpus, tokenizer = corpus_and_tokenizer
+    models = save_models(tmp_path, tokenizer, planted=True, count=2)
+    run = tmp_path / "run"
+    partial = "zip[layers=1,alpha=0,beta=0]"
+    assert run_cli(merge_args(run, models, corpus, [partial, "vanilla"])) == 0
+    results = json.loads((run / "results.json").read_text())
+    figures, endpoints = results["barriers"][partial], results["endpoints"]
+    assert figures["loss_a"] == pytest.approx(endpoints["loss"][0], abs=1e-5)
+    assert figures["loss_b"] == pytest.approx(endpoints["loss"][1], abs=1e-5)
+    assert abs(figures["barrier"]) < 1e-4 and abs(figures["midpoint_excess"]) < 1e-4
+    assert abs(results["barriers"]["vanilla"]["midpoint_excess"]) > 1e-2  # unaligned copies do differ
+    assert results["methods"][partial]["options"]["layers"] == 1

@@ -21,7 +21,8 @@ from lightning_merge.merge.spec import spec_for_model
 
 corpus_and_tokenizer = test_cli_families.corpus_and_tokenizer  # the same module-scoped fixture
 
-JOINT = ["to_reference", "merge_many", "merge_many[by=weights]", "cycle_consistent", "zip[alpha=0,beta=0]"]
+JOINT = ["to_reference", "merge_many", "merge_many[by=weights]", "cycle_consistent", "zip[layers=1,alpha=0,beta=0]",
+         "zip[alpha=0,beta=0]"]
 ALIGNING = ["ff+attn+res", "weight_matching", "to_reference[method=ff+attn[linear]+res]", *JOINT]
 
 

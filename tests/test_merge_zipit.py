@@ -95,11 +95,30 @@ def test_zip_merges_three_models_into_one():
         ("zip[beta=-0.1]", "beta=-0.1 asks for more within-model merges"),
         ("zip[alpha=1.5]", "alpha=1.5 must lie in \\[0, 1\\]"),
         ("zip[groups=attn[linear]]", "attn\\[linear\\] has no zip"),
+        ("zip[layers=-2]", "layers=-2 must be the number of layers to zip"),
     ],
 )
 def test_bad_zip_options_name_the_problem(name, message):
     with pytest.raises(ConfigError, match=message):
         get_method(name)
+
+
+def test_a_partial_zip_zips_the_trunk_only():
+    models = [tiny_bert(seed) for seed in range(2)]
+    spec = spec_for_model(models[0])  # 2 layers
+    method = get_method("zip[layers=1]")
+    assert method.split_layer(spec) == 1
+    assert get_method("zip[layers=2]").split_layer(spec) is None and get_method("zip").split_layer(spec) is None
+    assert method.statistics_features(spec) == ["ff.0", "attn.0", "res"] == method.own_features(spec)
+    joint = collect_joint_statistics(models, batches(), spec, method.statistics_features(spec), products="float64",
+                                     own_groups=method.own_features(spec))
+    alignments = method.fit_joint(JointInputs(spec, 2, lambda i, j: FitInputs(spec, statistics=joint.pair(i, j))))
+    assert all(set(a) == {"ff.0", "attn.0", "res"} for a in alignments)
+    # the stream is zipped from the points before layer 1 only: the embeddings' LayerNorm and layer 0's two
+    assert method._points(spec, spec.groups["res"]) == slice(0, 3)
+    assert get_method("zip[layers=1,groups=ff+attn+res[last]]")._points(spec, spec.groups["res"]) == slice(2, 3)
+    with pytest.raises(ConfigError, match="layers=3 but the models have 2 layers"):
+        get_method("zip[layers=3]").check_spec(spec)
 
 
 def test_a_spent_budget_bans_only_merges_within_one_model():

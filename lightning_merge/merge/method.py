@@ -209,6 +209,11 @@ class MergeMethod(ABC):
         """The path between A and B's aligned model it evaluates (None: the straight line), given its alignments."""
         return None
 
+    def split_layer(self, spec: PermutationSpec) -> int | None:
+        """The first layer each model runs on its own, if its merged model is a shared trunk with every model's
+        own tail (`lightning_merge.merge.two_headed`: ZipIt!'s partial zip); None: one merged model."""
+        return None
+
     def check_spec(self, spec: PermutationSpec) -> None:
         """Raise `ConfigError` if the method cannot align models of ``spec`` (checked before any compute)."""
 

@@ -202,6 +202,23 @@ class PermutationSpec:
         """Width of a feature set of ``points``: that of its group (``attn.0/query`` belongs to ``attn.0``)."""
         return self.groups[features.split("/")[0]].size
 
+    @property
+    def num_layers(self) -> int:
+        return len(self.groups_of_kind(["ff"]))
+
+    def layer_module(self, index: int) -> str:
+        """The module of layer ``index`` (``bert.encoder.layer.3``)."""
+        return self.base_prefix + self.family.layer.format(i=index)
+
+    def stream_points_before(self, layer: int) -> int:
+        """How many of the residual group's feature points, in order, read the stream before layer ``layer`` runs
+        (the stream it reads included): post-LN, the embeddings' LayerNorm and each earlier layer's; pre-LN, each
+        earlier layer's LayerNorm inputs and layer ``layer``'s first."""
+        per_layer = len(self.family.norms)
+        if self.family.norm_placement == "pre":
+            return layer * per_layer + 1
+        return (1 if self.family.embeddings_norm else 0) + layer * per_layer
+
     def groups_of_kind(self, kinds: Iterable[str]) -> list[str]:
         """Group names whose kind is in ``kinds`` (``ff``, ``attn``, ``res``), in spec order."""
         wanted = set(kinds)

@@ -10,6 +10,11 @@ mean correlation without them). Merged feature
 = mean of its cluster (merge matrix); each original feature reads its cluster's value (unmerge matrix). Attention is
 head-aware: heads are paired with model 0's as Head-Perm pairs them and each head is zipped on its own, so no
 feature moves across heads. Every model gets a `Zip` alignment; their average is the merged model.
+
+Partial zipping (``zip[layers=k]``): only the embeddings, the first k layers and the stream they leave are zipped
+(the stream's correlation from the points before layer k only); the merged model is then two-headed — that trunk,
+and every model's own layers k.. and heads reading the trunk's stream unmerged into their basis, their predictions
+mixed (`lightning_merge.merge.two_headed`).
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ class ZipIt(JointMethod):
         groups: str = "ff+attn+res"
         alpha: float = 0.3  # complete-linkage factor of a grown cluster (ZipIt!'s α)
         beta: float = 0.125  # share of a model's merges that may stay within it (ZipIt!'s β)
+        layers: int = -1  # zip the first this many layers, each model keeps its own rest (-1: every layer)
 
     def __init__(self, name: str, options: Any = None) -> None:
         super().__init__(name, options)
@@ -148,28 +154,57 @@ class ZipIt(JointMethod):
                               "has merges; it is the share of them, in [0, 1], e.g. zip[beta=0.125]")
         if not 0 <= opts.alpha <= 1:
             raise ConfigError(f"method {name!r}: alpha={opts.alpha} must lie in [0, 1], e.g. zip[alpha=0.3]")
+        if opts.layers < -1:
+            raise ConfigError(f"method {name!r}: layers={opts.layers} must be the number of layers to zip (0 or "
+                              "more; the rest stay each model's own), or -1 for every layer")
         self.variants = group_variants(name, opts.groups, "zip")
 
+    def check_spec(self, spec: PermutationSpec) -> None:
+        layers = self.options.layers
+        if layers > spec.num_layers:
+            raise ConfigError(f"method {self.name!r}: layers={layers} but the models have {spec.num_layers} layers; "
+                              f"zip at most {spec.num_layers} (or -1 for all)")
+        if self.split_layer(spec) is not None and spec.stream_points_before(layers) == 0:
+            raise ConfigError(f"method {self.name!r}: layers={layers}: {spec.family.name} records no stream before "
+                              "its first layer (no embeddings LayerNorm) to zip; zip at least one layer")
+
+    def split_layer(self, spec: PermutationSpec) -> int | None:
+        layers = self.options.layers
+        return None if layers in (-1, spec.num_layers) else layers
+
     def statistics_features(self, spec: PermutationSpec) -> list[str]:
-        return spec.groups_of_kind(self.variants)
+        return self._zipped_groups(spec)
 
     def own_features(self, spec: PermutationSpec) -> list[str]:
-        return spec.groups_of_kind(self.variants)
+        return self._zipped_groups(spec)
+
+    def _zipped_groups(self, spec: PermutationSpec) -> list[str]:
+        """The groups it zips: with ``layers`` set, those of the trunk (its layers' and the stream)."""
+        split = self.split_layer(spec)
+        return [name for name in spec.groups_of_kind(self.variants)
+                if split is None or spec.groups[name].kind == "res" or int(name.split(".")[1]) < split]
 
     def fit_joint(self, inputs: JointInputs) -> list[dict[str, Alignment]]:
         statistics = inputs.statistics
         out: list[dict[str, Alignment]] = [{} for _ in range(inputs.num_models)]
-        for name in inputs.spec.groups_of_kind(self.variants):
+        for name in self._zipped_groups(inputs.spec):
             group = inputs.spec.groups[name]
-            corr = _joint_correlation(statistics, group, self._points(group))
+            corr = _joint_correlation(statistics, group, self._points(inputs.spec, group))
             members = (_zip_heads(corr, group, inputs.num_models, self.options) if group.kind == "attn"
                        else zip_features(corr, inputs.num_models, self.options.alpha, self.options.beta))
             for alignments, (merge, unmerge) in zip(out, merge_and_unmerge(members, inputs.num_models)):
                 alignments[name] = Zip(merge, unmerge)
         return out
 
-    def _points(self, group: PermGroup) -> slice | None:
-        return RESIDUAL_POINTS[self.variants["res"]] if group.kind == "res" else None
+    def _points(self, spec: PermutationSpec, group: PermGroup) -> slice | None:
+        """The stream's points its residual variant reads; a partial zip reads the trunk's only."""
+        if group.kind != "res":
+            return None
+        split = self.split_layer(spec)
+        if split is None:
+            return RESIDUAL_POINTS[self.variants["res"]]
+        chosen = range(spec.stream_points_before(split))[RESIDUAL_POINTS[self.variants["res"]]]
+        return slice(chosen.start, chosen.stop)
 
 
 def _joint_correlation(statistics: JointStatistics, group: PermGroup, points: slice | None) -> torch.Tensor:

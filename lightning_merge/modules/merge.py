@@ -28,7 +28,7 @@ from transformers import (
 
 from lightning_merge.errors import ArchitectureMismatch, ConfigError, DataError, UnknownNameError
 from lightning_merge.merge.alignment import Alignment, apply_alignments, check_alignments, needs_folded_norms
-from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, SEQUENCE_CLASSIFICATION, model_inputs
+from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, RESIDUAL, SEQUENCE_CLASSIFICATION, model_inputs
 from lightning_merge.merge.fold import fold_layer_norms, untied_by_folding
 from lightning_merge.merge.interpolate import (
     check_lambdas,
@@ -40,6 +40,7 @@ from lightning_merge.merge.interpolate import (
 from lightning_merge.merge.joint_curves import JointPlan, Pair, check_simplex_steps
 from lightning_merge.merge.paths import InterpolationPath
 from lightning_merge.merge.spec import PermutationSpec, spec_for_model, spec_for_pair
+from lightning_merge.merge.two_headed import two_headed_outputs
 from lightning_merge.models import load_pretrained
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective, SequenceClassificationObjective
 
@@ -233,6 +234,7 @@ class InterpolationModule(PairModule):
         self.paths: dict[str, InterpolationPath] = {}  # methods whose path is not the straight line
         self.references: dict[str, dict[str, Alignment]] = {}  # methods that transform model A too
         self.endpoint_sums: CurveSums | None = None  # models A and B as they are (pair merges)
+        self.splits: dict[str, int] = {}  # methods whose merged model is a trunk with every model's own tail
 
     def set_methods(
         self,
@@ -240,10 +242,13 @@ class InterpolationModule(PairModule):
         task_metrics: torchmetrics.MetricCollection | None = None,
         paths: Mapping[str, InterpolationPath] | None = None,
         references: Mapping[str, Mapping[str, Alignment]] | None = None,
+        splits: Mapping[str, int] | None = None,
     ) -> None:
         """Methods to evaluate: name -> group -> alignment of model B (empty mapping: vanilla averaging); for the
         methods that change it, name -> path between A and aligned B (default: the straight line); for the methods
-        that transform model A too (ZipIt!), name -> group -> alignment of model A.
+        that transform model A too (ZipIt!), name -> group -> alignment of model A; for the methods whose merged
+        model is two-headed (ZipIt!'s partial zip), name -> the first layer A and B run on their own
+        (`lightning_merge.merge.two_headed`; the mixture's weights are (1−λ, λ)).
 
         ``task_metrics`` (e.g. accuracy for a classifier) are cloned for every (method, λ) point, and for models A
         and B as they are (the endpoints a merged model is compared with).
@@ -255,6 +260,7 @@ class InterpolationModule(PairModule):
         self.methods = {name: dict(groups) for name, groups in alignments.items()}
         self.references = {name: dict(groups) for name, groups in (references or {}).items() if name in self.methods}
         self.paths = {name: path for name, path in (paths or {}).items() if name in self.methods}
+        self.splits = {name: layer for name, layer in (splits or {}).items() if name in self.methods}
         self.plan = None
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
         self.endpoint_sums = CurveSums(1, 2).to(self.device)
@@ -267,9 +273,11 @@ class InterpolationModule(PairModule):
         joint: Mapping[str, Sequence[Mapping[str, Alignment]]],
         pairwise: Mapping[str, Mapping[Pair, Mapping[str, Alignment]]],
         task_metrics: torchmetrics.MetricCollection | None = None,
+        splits: Mapping[str, int] | None = None,
     ) -> None:
         """Methods of an N-model merge: name -> every model's alignment into model 0's basis (``joint``), and for
-        the methods fitted pair by pair, name -> (i, j) -> alignment of model j into model i's (``pairwise``)."""
+        the methods fitted pair by pair, name -> (i, j) -> alignment of model j into model i's (``pairwise``);
+        ``splits`` as in `set_methods` (every model a tail, mixed with a point's weights)."""
         if not joint:
             raise ConfigError("no merge method to evaluate; pass at least one method")
         for groups in [g for per_model in joint.values() for g in per_model] + [
@@ -279,6 +287,7 @@ class InterpolationModule(PairModule):
         self.pair_alignments = {name: {pair: dict(g) for pair, g in per_pair.items()}
                                 for name, per_pair in pairwise.items()}
         self.methods = {}
+        self.splits = {name: layer for name, layer in (splits or {}).items() if name in joint}
         self.plan = JointPlan(list(joint), self.num_models, self.lambdas, pairwise, self.simplex_steps)
         self.curve_sums = CurveSums(len(self.plan.points), 1).to(self.device)
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in self.plan.points] if task_metrics else [])
@@ -386,7 +395,11 @@ class InterpolationModule(PairModule):
         for m, method in enumerate(self.methods):
             endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
-                self._evaluate_point(m, i, self.interpolated(method, lam, endpoints), batch, m * len(self.lambdas) + i)
+                params, index = self.interpolated(method, lam, endpoints), m * len(self.lambdas) + i
+                if method in self.splits:
+                    self._evaluate_two_headed(m, i, method, params, (1 - lam, lam), batch, index)
+                else:
+                    self._evaluate_point(m, i, params, batch, index)
         first_endpoint = len(self.methods) * len(self.lambdas)
         for k, model in enumerate((self.model_a, self.model_b)):  # a fused model is compared with A and B themselves
             params = dict(model.named_parameters(remove_duplicate=False))
@@ -398,7 +411,11 @@ class InterpolationModule(PairModule):
             for index, point in self.plan.points_of(method):
                 if point.basis not in bases:
                     bases[point.basis] = self._basis(method, point.basis)
-                self._evaluate_point(index, 0, combine_state_dicts(bases[point.basis], point.weights), batch, index)
+                params = combine_state_dicts(bases[point.basis], point.weights)
+                if method in self.splits:
+                    self._evaluate_two_headed(index, 0, method, params, point.weights, batch, index)
+                else:
+                    self._evaluate_point(index, 0, params, batch, index)
 
     def _basis(self, method: str, basis: Pair | None) -> list[dict[str, Tensor]]:
         if basis is None:
@@ -411,6 +428,19 @@ class InterpolationModule(PairModule):
         # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
         state = {f"model.{k}": v for k, v in params.items()}
         output = functional_call(self.objective, state, (batch,), tie_weights=False)
+        self._record(row, column, output, batch, metric_index, sums)
+
+    def _evaluate_two_headed(self, row: int, column: int, method: str, trunk: dict[str, Tensor],
+                             weights: Sequence[float], batch: dict[str, Tensor], metric_index: int) -> None:
+        """A point of a two-headed method: ``trunk`` up to its split layer, every model's own tail, mixed."""
+        zipped = self._method_alignments(method)[:self.num_models]
+        tails = [dict(model.named_parameters(remove_duplicate=False)) for model in self.all_models]
+        output = two_headed_outputs(self.objective, self.spec.layer_module(self.splits[method]), trunk, tails,
+                                    [groups[RESIDUAL].unmerge for groups in zipped], weights, batch)
+        self._record(row, column, output, batch, metric_index)
+
+    def _record(self, row: int, column: int, output: tuple[Tensor, ...], batch: dict[str, Tensor],
+                metric_index: int, sums: CurveSums | None = None) -> None:
         (sums or self.curve_sums).update(row, column, output[0], output[1])
         if self.task_metrics:
             self._update_task_metric(metric_index, output[2], batch["labels"])

@@ -96,6 +96,7 @@ def test_zip_merges_three_models_into_one():
         ("zip[alpha=1.5]", "alpha=1.5 must lie in \\[0, 1\\]"),
         ("zip[groups=attn[linear]]", "attn\\[linear\\] has no zip"),
         ("zip[layers=-2]", "layers=-2 must be the number of layers to zip"),
+        ("zip[groups=ff+attn,layers=1]", "a partial zip hands its stream .* include res"),
     ],
 )
 def test_bad_zip_options_name_the_problem(name, message):

@@ -127,11 +127,19 @@ def two_headed_outputs(
     for params, unmerge, weight in zip(tails, unmerges, weights):
         if weight == 0:
             continue
-        own_stream = stream @ unmerge.T.to(device=stream.device, dtype=stream.dtype)
+        own_stream = _unmerged(stream, unmerge)
         tail_logits, targets = tail_predictions(objective, layer, params, own_stream, batch)
         logits.append(tail_logits)
     kept = [w for w in weights if w != 0]
     return objective.outputs(mixture_logits(logits, kept), targets)
+
+
+def _unmerged(stream: Tensor, unmerge: Tensor) -> Tensor:
+    """The stream in a tail's basis, at least in float32: under bf16 autocast the product would round the stream,
+    which the models' own residual additions keep in float32."""
+    dtype = torch.promote_types(stream.dtype, torch.float32)
+    with torch.autocast(stream.device.type, enabled=False):
+        return stream.to(dtype) @ unmerge.T.to(device=stream.device, dtype=dtype)
 
 
 def _prefixed(params: Params) -> dict[str, Tensor]:

@@ -57,7 +57,11 @@ def zip_features(corr: torch.Tensor, num_models: int, alpha: float, beta: float)
 
 
 class _Zipper:
-    """The state of one greedy zip: clusters (membership columns), their linkage, and each model's budget."""
+    """The state of one greedy zip: clusters (membership columns), their linkage, and each model's budget.
+
+    Each row's best allowed partner is kept (``row_best``/``row_arg``) and only the rows a merge touches are searched
+    again, so a step costs O(N·d) instead of a search of all (N·d)² pairs; the pair chosen is the same (the first
+    of the largest in row-major order)."""
 
     def __init__(self, corr: torch.Tensor, num_models: int, alpha: float, beta: float) -> None:
         total = corr.shape[0]
@@ -74,16 +78,25 @@ class _Zipper:
         self.blocked = torch.zeros(total, total, dtype=torch.bool)
         for model in range(num_models):
             self._close_if_spent(model)
+        self.row_best, self.row_arg = self._search(torch.arange(total))
+
+    def _search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each of ``rows``' largest allowed linkage and its first column."""
+        allowed = self.sims[rows].masked_fill(self.blocked[rows], -torch.inf)
+        return allowed.max(1).values, allowed.argmax(1)
+
+    def _search_again(self, rows: torch.Tensor) -> None:
+        self.row_best[rows], self.row_arg[rows] = self._search(rows)
 
     def best_pair(self) -> tuple[int, int]:
-        allowed = self.sims.masked_fill(self.blocked, -torch.inf)
-        best = int(torch.argmax(allowed))
-        if allowed.view(-1)[best] == -torch.inf:  # the budget and linkage leave no merge: go on without them
+        row = int(torch.argmax(self.row_best))
+        if self.row_best[row] == -torch.inf:  # the budget and linkage leave no merge: go on without them
             self.sims = _average_linkage(self.corr, self.members, self.active)
             self.blocked.fill_(False)
             self.budget.fill_(self.corr.shape[0])
-            best = int(torch.argmax(self.sims))
-        first, second = sorted(divmod(best, self.corr.shape[0]))
+            self._search_again(torch.arange(self.corr.shape[0]))
+            row = int(torch.argmax(self.row_best))
+        first, second = sorted((row, int(self.row_arg[row])))
         return first, second
 
     def merge(self, first: int, second: int) -> None:
@@ -98,18 +111,36 @@ class _Zipper:
         self.sims[first, :], self.sims[:, first] = linked, linked
         self.sims[second, :], self.sims[:, second] = -torch.inf, -torch.inf
         self.sims[first, first] = -torch.inf
+        closed = False
         if self.origin[first] >= 0 and self.origin[first] == self.origin[second]:
             self.budget[self.origin[first]] -= 1
-            self._close_if_spent(int(self.origin[first]))
+            closed = self._close_if_spent(int(self.origin[first]))
         else:
             self.origin[first] = -1
             self.blocked[first, :], self.blocked[:, first] = False, False
+        self._update_rows(first, second, everything=closed)
 
-    def _close_if_spent(self, model: int) -> None:
-        """A model out of budget merges no two clusters made of its own features only."""
+    def _update_rows(self, first: int, second: int, everything: bool) -> None:
+        """Keep each row's best partner: search again the rows that lost it (it was ``first`` or ``second``) and
+        the two merged ones; elsewhere only column ``first`` changed, and it wins where it is now larger (or as
+        large and earlier)."""
+        if everything:  # a budget was spent: many pairs were banned at once
+            self._search_again(torch.arange(self.corr.shape[0]))
+            return
+        column = self.sims[:, first].masked_fill(self.blocked[:, first], -torch.inf)
+        wins = (column > self.row_best) | ((column == self.row_best) & (self.row_arg > first))
+        self.row_best[wins], self.row_arg[wins] = column[wins], first
+        lost = (self.row_arg == first) & ~wins | (self.row_arg == second)
+        lost[first] = lost[second] = True
+        self._search_again(lost.nonzero().flatten())
+
+    def _close_if_spent(self, model: int) -> bool:
+        """A model out of budget merges no two clusters made of its own features only; True if it just closed."""
         if self.budget[model] <= 0:
             own = (self.origin == model) & self.active
             self.blocked |= own[:, None] & own[None, :]
+            return True
+        return False
 
 
 def _average_linkage(corr: torch.Tensor, members: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
@@ -158,6 +189,9 @@ class ZipIt(JointMethod):
             raise ConfigError(f"method {name!r}: layers={opts.layers} must be the number of layers to zip (0 or "
                               "more; the rest stay each model's own), or -1 for every layer")
         self.variants = group_variants(name, opts.groups, "zip")
+        if opts.layers != -1 and "res" not in self.variants:
+            raise ConfigError(f"method {name!r}: a partial zip hands its stream to each model's own layers through "
+                              "the residual stream's unmerge; include res, e.g. zip[groups=ff+attn+res,layers=1]")
 
     def check_spec(self, spec: PermutationSpec) -> None:
         layers = self.options.layers

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import test_cli_families
+import torch
 from test_cli import run_cli
 from test_cli_joint import merge_args, save_models
 

@@ -5,7 +5,9 @@ Two random-init models of one preset (the quickstart's shape by default) and ran
 - the statistics pass of the paper's method alone, and with each model's own Gram matrices at every linear layer's
   input (what ``+regmean`` adds): seconds, the sums' bytes;
 - per method: its fit (alignments and path) in seconds; for a path method, the first θ(½) (solve or measurement,
-  then kept) and a later one, against the line's.
+  then kept) and a later one, against the line's; one batch's loss at the merged model, and for a two-headed
+  method (``zip[layers=k]``) at its two-headed model (the trunk and both tails: the price of each of its curve
+  points against one forward).
 
 Usage::
 
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.func import functional_call
 
 from lightning_merge.io import atomic_write_text
 from lightning_merge.merge.alignment import apply_alignments
@@ -31,6 +34,8 @@ from lightning_merge.merge.interpolate import interpolate_state_dicts
 from lightning_merge.merge.method import FitInputs
 from lightning_merge.merge.methods import fit_methods, get_method
 from lightning_merge.merge.spec import spec_for_model
+from lightning_merge.merge.two_headed import two_headed_outputs
+from lightning_merge.objectives import MaskedLMObjective
 
 sys.path.insert(0, str(Path(__file__).parent))
 from joint_statistics import random_models, token_batches  # noqa: E402 - sibling scripts, not a package
@@ -38,7 +43,7 @@ from merge_core import timed  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "fusion.json"
 METHODS = ("ff+attn+res", "ff+attn+res+repair", "ff+attn+res+repair[exact=true,batches=2]", "ff+attn+res+regmean",
-           "ot", "zip")
+           "ot", "zip", "zip[layers=1]")
 
 
 def bench_statistics(models: list, spec, batches: list, methods: dict) -> tuple[dict, object]:
@@ -74,7 +79,33 @@ def bench_method(name: str, models: list, spec, statistics, batches: list) -> di
     if name in paths:
         row["path_first_s"], _ = timed(lambda: paths[name].at(params[0], aligned, 0.5), device)
         row["path_again_s"], _ = timed(lambda: paths[name].at(params[0], aligned, 0.5), device)
+    row.update(bench_point(models, spec, method.split_layer(spec), params, aligned, references.get(name), alignments,
+                           masked(batches[0])))
     inputs.close()
+    return row
+
+
+def masked(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``batch`` with MLM labels at every seventh position (the loss's positions; inputs left unmasked)."""
+    labels = torch.full_like(batch["input_ids"], -100)
+    labels[:, ::7] = batch["input_ids"][:, ::7]
+    return dict(batch, labels=labels)
+
+
+def bench_point(models: list, spec, split: int | None, params: list, aligned: dict, reference: dict | None,
+                alignments: dict, batch: dict) -> dict:
+    """Seconds of one batch's loss at the line's θ(½) and, for a two-headed method, at its two-headed model."""
+    objective, device = MaskedLMObjective(models[0]), torch.device("cpu")
+    line = interpolate_state_dicts(params[0], aligned, 0.5)
+    state = {f"model.{k}": v for k, v in line.items()}
+    with torch.no_grad():
+        row = {"point_s": timed(lambda: functional_call(objective, state, (batch,), tie_weights=False), device, 3)[0]}
+        if split is not None:
+            zipped_a = apply_alignments(models[0].state_dict(), spec, reference)
+            trunk = interpolate_state_dicts({n: zipped_a[n] for n in params[0]}, aligned, 0.5)
+            unmerges = [reference["res"].unmerge, alignments["res"].unmerge]
+            row["two_headed_point_s"], _ = timed(lambda: two_headed_outputs(
+                objective, spec.layer_module(split), trunk, params, unmerges, [0.5, 0.5], batch), device, 3)
     return row
 
 
@@ -82,10 +113,13 @@ def table(statistics_row: dict, rows: list[dict]) -> str:
     lines = [f"statistics pass: {statistics_row['statistics_s']:.2f} s, with own Grams "
              f"{statistics_row['statistics_own_s']:.2f} s; sums {statistics_row['statistics_bytes'] / 2**20:.1f} MiB "
              f"+ own {statistics_row['own_bytes'] / 2**20:.1f} MiB", "",
-             "| method | fit s | line θ(½) s | path θ(½) first s | path θ(½) again s |", "|---|---:|---:|---:|---:|"]
+             "| method | fit s | line θ(½) s | path θ(½) first s | path θ(½) again s | point s | two-headed point s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
-        first, again = (f"{row[key]:.3f}" if key in row else "–" for key in ("path_first_s", "path_again_s"))
-        lines.append(f"| `{row['method']}` | {row['fit_s']:.2f} | {row['line_s']:.3f} | {first} | {again} |")
+        first, again, two = (f"{row[key]:.3f}" if key in row else "–"
+                             for key in ("path_first_s", "path_again_s", "two_headed_point_s"))
+        lines.append(f"| `{row['method']}` | {row['fit_s']:.2f} | {row['line_s']:.3f} | {first} | {again} | "
+                     f"{row['point_s']:.3f} | {two} |")
     return "\n".join(lines)
 
 

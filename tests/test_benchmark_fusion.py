@@ -12,7 +12,8 @@ def test_fusion_costs_are_reported(tmp_path) -> None:
     bench = load_benchmark("fusion")
     output = tmp_path / "fusion.json"
     result = bench.main(["--tokens", "256", "--vocab", "64", "--batch-size", "4", "--output", str(output),
-                         "--methods", "ff+attn+res;ff+attn+res+regmean;ff+attn+res+repair[exact=true,batches=2];zip;zip[layers=1]"])
+                         "--methods", ";".join(["ff+attn+res", "ff+attn+res+regmean",
+                                                "ff+attn+res+repair[exact=true,batches=2]", "zip", "zip[layers=1]"])])
     assert result["statistics"]["own_bytes"] > 0 and result["statistics"]["statistics_own_s"] > 0
     rows = {row["method"]: row for row in result["rows"]}
     assert "path_first_s" not in rows["ff+attn+res"] and "path_first_s" not in rows["zip"]

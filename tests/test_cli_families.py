@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_model
-from test_cli import ROOT, run_cli, write_corpus
+from test_cli import ROOT, assert_same_barriers, run_cli, write_corpus
 
 from lightning_merge.merge.alignment import apply_alignments, permutations
 from lightning_merge.merge.families import CAUSAL_LM, FAMILIES, MASKED_LM
@@ -143,6 +143,4 @@ def test_ddp_on_two_processes_matches_one_process_for_every_family(family, corpu
         result = subprocess.run(args, capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         results[name] = json.loads((run / "results.json").read_text())
-    for method in methods:
-        for key, value in results["one"]["barriers"][method].items():
-            assert abs(value - results["ddp"]["barriers"][method][key]) <= 1e-6, (method, key)
+    assert_same_barriers(results["one"], results["ddp"], methods)

@@ -165,3 +165,13 @@ def test_untied_mlm_decoder_is_its_own_weight():
     assert spec.axes["cls.predictions.decoder.bias"] == (None,)
     with pytest.raises(ArchitectureMismatch, match="tie_word_embeddings: True vs False"):
         spec_for_pair(BertForMaskedLM(tiny_config()), BertForMaskedLM(tiny_config(tie_word_embeddings=False)))
+
+
+@pytest.mark.parametrize(("family", "arch", "expected"), [
+    ("bert", "BertForMaskedLM", [1, 3]),  # the embeddings' LayerNorm, then each layer's two outputs
+    ("gpt2", "GPT2LMHeadModel", [1, 3]),  # each earlier LayerNorm's input, and the split layer's first
+])
+def test_the_stream_points_before_a_layer(family, arch, expected):
+    spec = spec_from_config(tiny_config(family), arch)
+    assert [spec.stream_points_before(k) for k in range(2)] == expected
+    assert spec.num_layers == 2 and spec.layer_module(1) == spec.base_prefix + spec.family.layer.format(i=1)

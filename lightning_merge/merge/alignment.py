@@ -36,6 +36,7 @@ from typing import ClassVar
 import torch
 
 from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
+from lightning_merge.merge.interpolate import math_dtype
 from lightning_merge.merge.spec import Axis, PermGroup, PermutationSpec
 
 ALIGNMENTS_FORMAT = "lightning_merge.alignments/1"
@@ -274,7 +275,7 @@ def needs_folded_norms(alignments: Mapping[str, Alignment]) -> bool:
 def _per_head_map(tensor: torch.Tensor, index: int, matrix: torch.Tensor) -> torch.Tensor:
     """Apply (H, hd, hd) ``matrix`` to dimension ``index`` of ``tensor``, read as H blocks of hd features."""
     heads, head_dim = matrix.shape[0], matrix.shape[1]
-    dtype = torch.promote_types(tensor.dtype, torch.float32)
+    dtype = math_dtype(tensor.dtype)
     moved = tensor.movedim(index, -1).to(dtype)
     blocks = moved.reshape(*moved.shape[:-1], heads, head_dim)  # (..., H, hd)
     mapped = torch.einsum("...hj,hij->...hi", blocks, matrix.to(tensor.device, dtype))

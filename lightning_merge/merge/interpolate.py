@@ -45,8 +45,9 @@ def _check_same_keys(sd_a: StateDict, sd_b: StateDict) -> None:
             )
 
 
-def _math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)  # half precision is interpolated in float32
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute in: half precision (autocast's bf16 too) in float32, float32 and float64 as they are."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _lerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
@@ -55,7 +56,7 @@ def _lerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
         return a
     if lam == 1:
         return b.to(a.dtype)
-    dtype = _math_dtype(a.dtype)
+    dtype = math_dtype(a.dtype)
     return torch.lerp(a.to(dtype), b.to(dtype), lam).to(a.dtype)
 
 

@@ -212,12 +212,12 @@ class PermutationSpec:
 
     def stream_points_before(self, layer: int) -> int:
         """How many of the residual group's feature points, in order, read the stream before layer ``layer`` runs
-        (the stream it reads included): post-LN, the embeddings' LayerNorm and each earlier layer's; pre-LN, each
-        earlier layer's LayerNorm inputs and layer ``layer``'s first."""
-        per_layer = len(self.family.norms)
-        if self.family.norm_placement == "pre":
-            return layer * per_layer + 1
-        return (1 if self.family.embeddings_norm else 0) + layer * per_layer
+        (the stream it reads included): those before the layer's own, and its first where that reads the layer's
+        input (pre-LN: its first LayerNorm's input is the stream the layer reads)."""
+        inside = self.layer_module(layer) + "."
+        points = self.points[RESIDUAL]
+        first = next(i for i, point in enumerate(points) if point.module.startswith(inside))
+        return first + int(points[first].source == "input")
 
     def groups_of_kind(self, kinds: Iterable[str]) -> list[str]:
         """Group names whose kind is in ``kinds`` (``ff``, ``attn``, ``res``), in spec order."""

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lightning_merge.merge.interpolate import math_dtype
+
 Params = Mapping[str, Tensor]
 
 
@@ -93,7 +95,7 @@ def tail_predictions(
 def mixture_logits(logits: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Logits of the mixture Σ_i w_i softmax(logits_i) (its log-probabilities); one-output regressions: the weighted
     mean. Weights must be positive and sum to one."""
-    logits = [x.to(torch.promote_types(x.dtype, torch.float32)) for x in logits]
+    logits = [x.to(math_dtype(x.dtype)) for x in logits]
     if logits[0].shape[-1] == 1:
         return sum(w * x for w, x in zip(weights, logits))
     stacked = torch.stack([F.log_softmax(x, dim=-1) + math.log(w) for w, x in zip(weights, logits)])
@@ -123,21 +125,20 @@ def two_headed_outputs(
     """
     layer = objective.model.get_submodule(layer_module)
     stream = trunk_stream(objective, layer, trunk, batch)
-    logits, targets = [], None
+    logits, kept, targets = [], [], None
     for params, unmerge, weight in zip(tails, unmerges, weights):
         if weight == 0:
             continue
-        own_stream = _unmerged(stream, unmerge)
-        tail_logits, targets = tail_predictions(objective, layer, params, own_stream, batch)
+        tail_logits, targets = tail_predictions(objective, layer, params, _unmerged(stream, unmerge), batch)
         logits.append(tail_logits)
-    kept = [w for w in weights if w != 0]
+        kept.append(weight)
     return objective.outputs(mixture_logits(logits, kept), targets)
 
 
 def _unmerged(stream: Tensor, unmerge: Tensor) -> Tensor:
     """The stream in a tail's basis, at least in float32: under bf16 autocast the product would round the stream,
     which the models' own residual additions keep in float32."""
-    dtype = torch.promote_types(stream.dtype, torch.float32)
+    dtype = math_dtype(stream.dtype)
     with torch.autocast(stream.device.type, enabled=False):
         return stream.to(dtype) @ unmerge.T.to(device=stream.device, dtype=dtype)
 

@@ -83,7 +83,8 @@ class _Zipper:
     def _search(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each of ``rows``' largest allowed linkage and its first column."""
         allowed = self.sims[rows].masked_fill(self.blocked[rows], -torch.inf)
-        return allowed.max(1).values, allowed.argmax(1)
+        columns = allowed.argmax(1)  # argmax, not max: it promises the first of equal maxima
+        return allowed.gather(1, columns[:, None])[:, 0], columns
 
     def _search_again(self, rows: torch.Tensor) -> None:
         self.row_best[rows], self.row_arg[rows] = self._search(rows)

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from lightning_merge.data.glue import (
     TASKS,
@@ -76,6 +77,48 @@ def test_local_files_of_the_glue_schema(tmp_path, tokenizer_dir, ext):
     batch = next(iter(data.val_dataloader()))
     assert batch["labels"].tolist() == [0, 1, 0, 1] and batch["input_ids"].shape[0] == 4
     assert (batch["token_type_ids"] == 1).any()  # pair encoding: sentence2 is segment 1
+
+
+def test_evaluation_splits_come_longest_first_and_training_keeps_its_order(tmp_path, tokenizer_dir):
+    words = WORDS.split()
+    rows = [{"sentence": " ".join(words[: 1 + (7 * i) % 13]), "label": i % 2} for i in range(16)]
+    files = {"train": _write(tmp_path / "t.jsonl", rows), "validation": _write(tmp_path / "v.jsonl", rows)}
+    data = GLUEDataModule(task="sst2", tokenizer=tokenizer_dir, data_files=files, batch_size=4)
+    data.setup("fit")
+    in_file_order = encode(load_splits(get_task("sst2"), files)["validation"], get_task("sst2"),
+                           load_tokenizer(tokenizer_dir))
+    lengths = [len(ids) for ids in data.datasets["validation"]["input_ids"]]
+    assert lengths == sorted(lengths, reverse=True) and len(set(lengths)) > 4
+    as_rows = sorted(map(tuple, data.datasets["validation"]["input_ids"]))
+    assert as_rows == sorted(map(tuple, in_file_order["input_ids"]))  # the same examples
+    assert data.datasets["train"]["input_ids"] == in_file_order["input_ids"]  # shuffled by its loader, not here
+    collate = data.val_dataloader().collate_fn
+    slots = [sum(b["input_ids"].numel() for b in DataLoader(d, batch_size=4, collate_fn=collate))
+             for d in (data.datasets["validation"], in_file_order)]
+    assert sum(lengths) <= slots[0] < slots[1]
+
+
+def test_encodings_are_cached_by_texts_tokenizer_and_length(tmp_path, tokenizer_dir, monkeypatch):
+    import lightning_merge.data.glue as glue
+
+    rows = [{"sentence1": f"the film {i} was", "sentence2": "great fun " * (i % 4), "label": i % 2} for i in range(9)]
+    split = load_splits(get_task("mrpc"), {"train": _write(tmp_path / "t.jsonl", rows),
+                                           "validation": _write(tmp_path / "v.jsonl", rows)})["train"]
+    task, tokenizer, cache = get_task("mrpc"), load_tokenizer(tokenizer_dir), tmp_path / "cache"
+    fresh = encode(split, task, tokenizer, max_length=8)
+    first = glue.cached_encode(split, task, tokenizer, max_length=8, cache=cache)
+    monkeypatch.setattr(glue, "encode", lambda *args: pytest.fail("tokenized again"))
+    again = glue.cached_encode(split, task, load_tokenizer(tokenizer_dir), max_length=8, cache=cache)
+    assert first.features == again.features == fresh.features
+    assert first.to_dict() == again.to_dict() == fresh.to_dict()
+    with pytest.raises(pytest.fail.Exception, match="tokenized again"):  # another length, other labels: new keys
+        glue.cached_encode(split, task, tokenizer, max_length=16, cache=cache)
+    with pytest.raises(pytest.fail.Exception, match="tokenized again"):
+        glue.cached_encode(split.map(lambda r: {"label": 1 - r["label"]}), task, tokenizer, max_length=8, cache=cache)
+    (stored,) = (cache / "glue").glob("*.npz")
+    stored.write_bytes(stored.read_bytes()[:100])  # cut: rebuilt, not trusted
+    monkeypatch.setattr(glue, "encode", encode)
+    assert glue.cached_encode(split, task, tokenizer, max_length=8, cache=cache).to_dict() == fresh.to_dict()
 
 
 def test_tsv_reads_quotes_literally_and_label_names_map(tmp_path):

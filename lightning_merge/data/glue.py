@@ -19,15 +19,20 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import io
+import json
 import random
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -36,14 +41,18 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from lightning_merge.data import wiki
 from lightning_merge.data.offline import cache_dir, fetch
 from lightning_merge.data.tensors import ResumableLoader
-from lightning_merge.data.tokenizer import load_tokenizer
+from lightning_merge.data.tokenizer import corpus_hash, load_tokenizer, tokenizer_fingerprint
 from lightning_merge.errors import ConfigError, DataError, UnknownNameError
+from lightning_merge.io import read_verified, write_verified
 
 LABEL = "label"
 TRAIN = "train"
 SPLIT_SEED = 0  # offline splits are fixed: every training seed (and every merge) must see the same examples
 GLUE_HUB = "nyu-mll/glue"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+ENCODING_VERSION = 1  # bump when `encode` changes, so cached encodings are rebuilt
+# how `datasets` stores the tokenizer's columns (it narrows these three); any other column is stored as int32
+NARROW_COLUMNS = {"attention_mask": np.int8, "token_type_ids": np.int8, "special_tokens_mask": np.int8}
 
 
 @dataclass(frozen=True)
@@ -459,6 +468,67 @@ def encode(
     return dataset.map(batch_encode, batched=True, remove_columns=dataset.column_names, desc=f"tokenize {task.name}")
 
 
+def cached_encode(
+    dataset: datasets.Dataset, task: GlueTask, tokenizer: PreTrainedTokenizerBase, max_length: int = 128,
+    cache: Path | None = None,
+) -> datasets.Dataset:
+    """`encode`, kept under ``<cache>/glue/``: a study's fine-tuning and merge stages tokenize each split once.
+
+    Keyed by the split's texts and labels, the tokenizer's definition and ``max_length``; a damaged or cut file is
+    rebuilt (`lightning_merge.io.read_verified`). Slow tokenizers (no ``tokenizer.json`` to key by) are not cached.
+    """
+    if not tokenizer.is_fast:
+        return encode(dataset, task, tokenizer, max_length)
+    texts = [["" if t is None else str(t) for t in dataset[key]] for key in task.text_keys]
+    labels = json.dumps([task.label_id(v) for v in dataset[LABEL]])
+    key = [task.name, corpus_hash([*chain.from_iterable(texts), labels]), tokenizer_fingerprint(tokenizer),
+           max_length, ENCODING_VERSION]
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+    path = (cache or cache_dir()) / "glue" / f"{task.name}-{len(dataset)}-{digest}.npz"
+    data = read_verified(path)
+    if data is not None:
+        return _dataset_of_arrays(np.load(io.BytesIO(data)))
+    encoded = encode(dataset, task, tokenizer, max_length)
+    buffer = io.BytesIO()
+    np.savez(buffer, **_arrays_of_dataset(encoded))
+    write_verified(path, buffer.getvalue())
+    return encoded
+
+
+def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:
+    """An encoded split as flat arrays: each token column concatenated, ``lengths`` to cut it, ``labels``."""
+    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
+    arrays = {"lengths": lengths}
+    for column in encoded.column_names:
+        if column == "labels":
+            arrays[column] = np.asarray(encoded[column])
+        else:
+            values = chain.from_iterable(encoded[column])
+            arrays[column] = np.fromiter(values, NARROW_COLUMNS.get(column, np.int32), count=int(lengths.sum()))
+    return arrays
+
+
+def _dataset_of_arrays(arrays: Mapping[str, np.ndarray]) -> datasets.Dataset:
+    """`_arrays_of_dataset`'s inverse: the split with the columns, order and types `encode` gave it."""
+    offsets = pa.array(np.concatenate([[0], np.cumsum(arrays["lengths"])]), pa.int32())
+    columns = {
+        name: pa.array(values) if name == "labels" else pa.ListArray.from_arrays(offsets, pa.array(values))
+        for name, values in arrays.items() if name != "lengths"
+    }
+    return datasets.Dataset(pa.table(columns))
+
+
+def longest_first(dataset: datasets.Dataset) -> datasets.Dataset:
+    """``dataset``'s examples ordered by token count, longest first (ties in their order).
+
+    Evaluation batches then hold inputs of similar length and compute on little padding: on the offline tasks half
+    of a randomly ordered batch is padding. Losses and metrics are sums over examples, so the order changes only
+    float rounding; the longest batch comes first, so running out of memory shows at once.
+    """
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+
+
 def tokenizer_source(init_from: str) -> str:
     """Where the tokenizer of a model lives: its HF dir, the ``hf/`` export of the run a ``.ckpt`` is in, or the hub id.
 
@@ -479,7 +549,8 @@ def tokenizer_source(init_from: str) -> str:
 
 
 class GLUEDataModule(pl.LightningDataModule):
-    """Train/validation(/test) loaders of one task from :data:`TASKS`, tokenized once, padded per batch.
+    """Train/validation(/test) loaders of one task from :data:`TASKS`, tokenized once, padded per batch; evaluation
+    splits are ordered longest first (`longest_first`), so their batches carry little padding.
 
     Args:
         task: Task name: ``cola``, ``sst2``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``, ``wnli``
@@ -528,7 +599,8 @@ class GLUEDataModule(pl.LightningDataModule):
             limit = self.hparams.max_train_samples if split == TRAIN else self.hparams.max_eval_samples
             if limit is not None and limit < len(dataset):
                 dataset = dataset.shuffle(seed=SPLIT_SEED).select(range(limit))
-            self.datasets[split] = encode(dataset, self.task, self.tokenizer, self.hparams.max_length)
+            encoded = cached_encode(dataset, self.task, self.tokenizer, self.hparams.max_length)
+            self.datasets[split] = encoded if split == TRAIN else longest_first(encoded)
 
     def _tokenizer_source(self) -> str:
         if self.hparams.tokenizer:

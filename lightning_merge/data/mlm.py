@@ -35,7 +35,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 from lightning_merge.data.offline import cache_dir as default_cache_dir
 from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
 from lightning_merge.data.tensors import ResumableLoader, TensorDictDataset
-from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer
+from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer, tokenizer_fingerprint
 from lightning_merge.errors import ConfigError, DataError
 from lightning_merge.io import read_verified, write_verified
 
@@ -69,11 +69,6 @@ class SeededMasking:
         batch_seed = int.from_bytes(hashlib.blake2b(tokens, digest_size=8, key=key).digest(), "little") % 2**63
         collator = DataCollatorForLanguageModeling(self.tokenizer, mlm_probability=self.probability, seed=batch_seed)
         return collator(rows)
-
-
-def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
-    """sha256 of the full tokenizer definition (``tokenizer.json``)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
 def pack_blocks(dataset: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, block_size: int) -> np.ndarray:

@@ -45,6 +45,15 @@ def corpus_hash(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """sha256 of the full tokenizer definition (``tokenizer.json``), without the truncation and padding settings
+    that calling the tokenizer leaves on it: they are not the tokenizer, and would change the key of a cache."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    definition.pop("truncation", None)
+    definition.pop("padding", None)
+    return hashlib.sha256(json.dumps(definition, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def _bert_pipeline(lowercase: bool, vocab: dict[str, int] | None = None) -> Tokenizer:
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=lowercase, strip_accents=lowercase)

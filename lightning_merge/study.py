@@ -145,26 +145,32 @@ def _joint_merge_stage(root: Path, config: str, models: dict[int, str], methods:
 def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
     """Run ``stages`` in their order, up to ``jobs`` at once: a stage starts once the stages it reads have finished.
 
-    After a failure no new stage starts; the running ones finish, then the first failure is raised.
+    Each stage's subprocess gets an equal share of the cores among the stages that run beside it when it starts (a
+    stage that starts alone, e.g. the last one, gets them all). After a failure no new stage starts; the running
+    ones finish, then the first failure is raised.
     """
     total = len(stages)
     if jobs == 1:
         for index, stage in enumerate(stages, start=1):
             _run_stage(stage, index, total, log_dir, clock)
         return
-    env = _thread_share(jobs)
     produced_here = {stage.run_dir for stage in stages}
     waiting = list(enumerate(stages, start=1))
     finished: set[Path] = set()
     running: dict[Future, Stage] = {}
     failure: BaseException | None = None
+
+    def ready() -> list[tuple[int, Stage]]:
+        return [(i, s) for i, s in waiting if all(d in finished for d in s.inputs if d in produced_here)]
+
     with ThreadPoolExecutor(jobs) as pool:
         while True:
-            for item in list(waiting) if failure is None else []:
+            startable = ready() if failure is None else []
+            for item in startable[: jobs - len(running)]:
+                waiting.remove(item)
                 index, stage = item
-                if len(running) < jobs and all(d in finished for d in stage.inputs if d in produced_here):
-                    waiting.remove(item)
-                    running[pool.submit(_run_stage, stage, index, total, log_dir, clock, env)] = stage
+                env = _thread_share(min(jobs, len(running) + len(startable)))
+                running[pool.submit(_run_stage, stage, index, total, log_dir, clock, env)] = stage
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -178,13 +184,13 @@ def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock
         raise failure
 
 
-def _thread_share(jobs: int) -> Mapping[str, str] | None:
-    """The environment of a stage's subprocess when ``jobs`` run at once: each gets its share of the CPU cores as
-    torch's threads (``OMP_NUM_THREADS``), unless the user set that already."""
+def _thread_share(stages_at_once: int) -> Mapping[str, str] | None:
+    """The environment of a stage's subprocess among ``stages_at_once``: its share of the CPU cores as torch's
+    threads (``OMP_NUM_THREADS``), unless the user set that already."""
     if "OMP_NUM_THREADS" in os.environ:
         return None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // jobs))}
+    return {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // max(1, stages_at_once)))}
 
 
 def _run_stage(
@@ -359,7 +365,7 @@ def reproduce(
             (e.g. ``[vanilla, ff+attn+res, merge_many, cycle_consistent]``; after ``merge_args``, which may not set
             ``--methods``): the report gains the N-model table.
         jobs: stages run at once, each as soon as the stages it reads have finished, each with its share of the
-            CPU cores as threads. On 2 CPU cores two merges side by side took 69 s against 102 s one after the other
+            CPU cores as threads (all of them when it starts alone). On 2 CPU cores two merges side by side took 69 s against 102 s one after the other
             (single-threaded matching, start-up and data handling overlap); two pretraining runs gain ~10 %. Keep 1
             on one GPU.
 

@@ -165,8 +165,23 @@ def test_two_jobs_run_stages_side_by_side_once_their_inputs_are_ready(tmp_path, 
     assert parallel.most == 2 and sorted(map(str, parallel.calls)) == sorted(
         str(call).replace("sequential", "parallel") for call in sequential.calls)  # each stage once
     cores = len(os.sched_getaffinity(0))
-    assert {env["OMP_NUM_THREADS"] for env in parallel.envs} == {str(max(1, cores // 2))}
+    threads = [env["OMP_NUM_THREADS"] for env in parallel.envs]
+    assert threads[:2] == [str(max(1, cores // 2))] * 2 and set(threads) <= {str(max(1, cores // 2)), str(cores)}
     assert (report / "report.md").is_file()
+
+
+def test_a_stage_that_starts_alone_gets_every_core(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    fake = OverlapFakeLm()
+    monkeypatch.setattr(subprocess, "run", fake)
+    reproduce(str(tmp_path), [0, 1], jobs=2)  # two pretraining stages side by side, then the merge alone
+    cores = len(os.sched_getaffinity(0))
+    assert [env["OMP_NUM_THREADS"] for env in fake.envs] == [str(max(1, cores // 2))] * 2 + [str(cores)]
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting stands
+    fake = OverlapFakeLm()
+    monkeypatch.setattr(subprocess, "run", fake)
+    reproduce(str(tmp_path / "again"), [0, 1], jobs=2)
+    assert fake.envs == [None] * 3
 
 
 def test_after_a_failed_stage_no_new_stage_starts(tmp_path, monkeypatch) -> None:

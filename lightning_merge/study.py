@@ -365,9 +365,9 @@ def reproduce(
             (e.g. ``[vanilla, ff+attn+res, merge_many, cycle_consistent]``; after ``merge_args``, which may not set
             ``--methods``): the report gains the N-model table.
         jobs: stages run at once, each as soon as the stages it reads have finished, each with its share of the
-            CPU cores as threads (all of them when it starts alone). On 2 CPU cores two merges side by side took 69 s against 102 s one after the other
-            (single-threaded matching, start-up and data handling overlap); two pretraining runs gain ~10 %. Keep 1
-            on one GPU.
+            CPU cores as threads (all of them when it starts alone). On 2 CPU cores two merges side by side took
+            69 s against 102 s one after the other (single-threaded matching, start-up and data handling overlap),
+            two fine-tunes 111 s against 139 s; two pretraining runs gain ~10 %. Keep 1 on one GPU.
 
     Returns:
         The report directory.

@@ -31,6 +31,7 @@ COMPLETE_MARKER = ".stage_complete.json"
 STARTED_MARKER = ".stage_started.json"  # this study wrote the folder: it may clear it to restart the stage
 LANGUAGE_MODELS = ("MLM", "CLM")
 PROGRESS_INTERVAL_S = 60.0  # how often a running stage prints its elapsed and expected remaining time
+_SAY_LOCK = threading.Lock()
 
 
 class StageError(LightningMergeError):
@@ -142,6 +143,12 @@ def _joint_merge_stage(root: Path, config: str, models: dict[int, str], methods:
                  _run_dirs_of(*paths), "merge mlm jointly")
 
 
+def _say(line: str) -> None:
+    """Print one whole line: stages running side by side report from their own threads."""
+    with _SAY_LOCK:
+        print(line, flush=True)
+
+
 def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
     """Run ``stages`` in their order, up to ``jobs`` at once: a stage starts once the stages it reads have finished.
 
@@ -198,14 +205,14 @@ def _run_stage(
 ) -> None:
     prefix = f"[{index}/{total}] {stage.name}"
     if stage.is_complete():
-        print(f"{prefix}: complete, skipped", flush=True)
+        _say(f"{prefix}: complete, skipped")
         clock.finished(stage, None)
         return
     _clear_for_restart(stage)
     atomic_write_text(stage.run_dir / STARTED_MARKER, json.dumps({"argv": list(stage.argv)}) + "\n")
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / (stage.name.replace(" ", "_") + ".log")
-    print(f"{prefix}: running (log: {log_path}); {clock.outlook(stage, 0.0)}", flush=True)
+    _say(f"{prefix}: running (log: {log_path}); {clock.outlook(stage, 0.0)}")
     start = time.perf_counter()
     with open(log_path, "w") as log, _progress_lines(prefix, stage, clock, start):
         result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log,
@@ -220,7 +227,7 @@ def _run_stage(
     marker = {"fingerprint": stage.fingerprint, "argv": list(stage.argv), "seconds": round(seconds, 1)}
     atomic_write_text(stage.run_dir / COMPLETE_MARKER, json.dumps(marker, indent=2) + "\n")
     clock.finished(stage, seconds)
-    print(f"{prefix}: done in {seconds:.0f} s; {clock.outlook(None, 0.0)}", flush=True)
+    _say(f"{prefix}: done in {seconds:.0f} s; {clock.outlook(None, 0.0)}")
 
 
 class StudyClock:
@@ -305,7 +312,7 @@ def _progress_lines(prefix: str, stage: Stage, clock: StudyClock, start: float) 
 
     def report() -> None:
         while not stop.wait(PROGRESS_INTERVAL_S):
-            print(f"{prefix}: {clock.outlook(stage, time.perf_counter() - start)}", flush=True)
+            _say(f"{prefix}: {clock.outlook(stage, time.perf_counter() - start)}")
 
     thread = threading.Thread(target=report, daemon=True)
     thread.start()

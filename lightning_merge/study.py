@@ -69,7 +69,10 @@ class Stage:
         marker = self.run_dir / COMPLETE_MARKER
         if not marker.is_file() or not all((self.run_dir / out).exists() for out in self.outputs):
             return False
-        return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+        try:  # a stage running beside this check may be clearing its folder
+            return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
+        except (OSError, ValueError):
+            return False
 
 
 def _file_digest(arg: str) -> str | None:
@@ -78,8 +81,10 @@ def _file_digest(arg: str) -> str | None:
 
 
 def _recorded_fingerprint(run_dir: Path) -> str | None:
-    marker = run_dir / COMPLETE_MARKER
-    return json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+    try:
+        return json.loads((run_dir / COMPLETE_MARKER).read_text()).get("fingerprint")
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -150,34 +155,34 @@ def _say(line: str) -> None:
 
 
 def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
-    """Run ``stages`` in their order, up to ``jobs`` at once: a stage starts once the stages it reads have finished.
-
-    Each stage's subprocess gets an equal share of the cores among the stages that run beside it when it starts (a
-    stage that starts alone, e.g. the last one, gets them all). After a failure no new stage starts; the running
-    ones finish, then the first failure is raised.
-    """
-    total = len(stages)
-    if jobs == 1:
-        for index, stage in enumerate(stages, start=1):
-            _run_stage(stage, index, total, log_dir, clock)
+    """Run ``stages`` in their order, up to ``jobs`` at once (`_run_side_by_side`), or one after another."""
+    if jobs > 1:
+        _run_side_by_side(stages, jobs, log_dir, clock)
         return
+    for index, stage in enumerate(stages, start=1):
+        _run_stage(stage, index, len(stages), log_dir, clock)
+
+
+def _run_side_by_side(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
+    """Up to ``jobs`` stages at once, each once the stages it reads have finished, with an equal share of the cores
+    among the stages running beside it when it starts (all of them when it starts alone, e.g. the last).
+
+    After a failure no new stage starts; the running ones finish, then the first failure is raised.
+    """
     produced_here = {stage.run_dir for stage in stages}
     waiting = list(enumerate(stages, start=1))
     finished: set[Path] = set()
     running: dict[Future, Stage] = {}
     failure: BaseException | None = None
-
-    def ready() -> list[tuple[int, Stage]]:
-        return [(i, s) for i, s in waiting if all(d in finished for d in s.inputs if d in produced_here)]
-
     with ThreadPoolExecutor(jobs) as pool:
         while True:
-            startable = ready() if failure is None else []
-            for item in startable[: jobs - len(running)]:
-                waiting.remove(item)
-                index, stage = item
-                env = _thread_share(min(jobs, len(running) + len(startable)))
-                running[pool.submit(_run_stage, stage, index, total, log_dir, clock, env)] = stage
+            startable = [] if failure is not None else [
+                (i, s) for i, s in waiting if all(d in finished for d in s.inputs if d in produced_here)]
+            at_once = min(jobs, len(running) + len(startable))
+            for index, stage in startable[: jobs - len(running)]:
+                waiting.remove((index, stage))
+                env = _thread_share(at_once)
+                running[pool.submit(_run_stage, stage, index, len(stages), log_dir, clock, env)] = stage
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -185,10 +190,14 @@ def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock
                 stage, error = running.pop(future), future.exception()
                 if error is None:
                     finished.add(stage.run_dir)
-                elif failure is None:
-                    failure = error
+                    continue
+                _say(f"{stage.name} failed: {error}" + (f"; waiting for {len(running)} running stage(s), then "
+                                                         "stopping" if running else ""))
+                failure = failure or error
     if failure is not None:
         raise failure
+    if waiting:  # stages whose inputs never finished: an ordering error of the study itself
+        raise StageError(f"stage '{waiting[0][1].name}' never became ready; its inputs did not finish")
 
 
 def _thread_share(stages_at_once: int) -> Mapping[str, str] | None:
@@ -234,8 +243,9 @@ class StudyClock:
     """Expected remaining time of a study: a stage is expected to take the mean time of the finished stages of its
     kind, this run's and earlier runs' (their completion markers record it); a kind none of which has finished yet
     has no estimate, and the outlook says how many such stages are left. With ``jobs`` stages running at once, the
-    study's remaining time is the stages' expected time divided by ``jobs`` (their recorded times are those of
-    stages that shared the machine the same way)."""
+    study's remaining time is the stages' expected time divided by ``jobs`` (by fewer when fewer stages are left),
+    and never less than the longest of them: a rough figure, since a stage's recorded time depends on whether it
+    shared the machine."""
 
     def __init__(self, stages: list[Stage], jobs: int = 1) -> None:
         self.jobs = jobs
@@ -267,7 +277,7 @@ class StudyClock:
         """``running``'s expected remaining time (``elapsed`` seconds in) and the whole study's, as one phrase."""
         with self._lock:
             pending, seconds = list(self._pending.values()), dict(self._seconds)
-        left, untimed = 0.0, 0
+        untimed, times_left = 0, []
         for stage in pending:
             if stage is not running and stage.is_complete():
                 continue  # will be skipped (asked now: a rerun upstream stage makes its dependants incomplete)
@@ -275,9 +285,10 @@ class StudyClock:
             if expected is None:
                 untimed += 1
             else:
-                left += max(expected - elapsed, 0.0) if stage is running else expected
+                times_left.append(max(expected - elapsed, 0.0) if stage is running else expected)
+        left = sum(times_left) and max(sum(times_left) / min(self.jobs, len(times_left)), max(times_left))
         if left:
-            study = f"study ~{_minutes(left / self.jobs)} left"
+            study = f"study ~{_minutes(left)} left"
         elif untimed:
             study = "study:"
         else:

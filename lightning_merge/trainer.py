@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable, Mapping
@@ -15,7 +14,7 @@ import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_only
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lightning_merge.callbacks import HFExport, MergeCallback
 from lightning_merge.errors import ConfigError, DataError, OutputExistsError
@@ -426,14 +425,22 @@ def _say(line: str) -> None:
 
 def _activation_moments(model: InterpolationModule, loader: DataLoader, special: list[int] | None
                         ) -> ActivationMoments:
-    """`FitInputs.activations` of a pair merge: model A's structure run on the first batches of the statistics data,
-    the same on every rank (the loader unsplit)."""
-    whole = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+    """`FitInputs.activations` of a pair merge: model A's structure run on ``count`` batches of rows spread evenly
+    over the statistics data (not its first rows: GLUE's come longest first), the same on every rank."""
 
     def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
-        return feature_moments(model.model_a, params, model.spec, features, itertools.islice(whole, count), special)
+        rows = _evenly_spread(len(loader.dataset), count * loader.batch_size)
+        batches = DataLoader(Subset(loader.dataset, rows), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+        return feature_moments(model.model_a, params, model.spec, features, batches, special)
 
     return activations
+
+
+def _evenly_spread(total: int, wanted: int) -> list[int]:
+    """``wanted`` indices of ``range(total)`` spread evenly, in order (all of them if there are no more)."""
+    if wanted >= total:
+        return list(range(total))
+    return [i * total // wanted for i in range(wanted)]
 
 
 def _special_token_ids(datamodule: Any, exclude_special: bool) -> list[int] | None:

@@ -121,6 +121,21 @@ def test_encodings_are_cached_by_texts_tokenizer_and_length(tmp_path, tokenizer_
     assert glue.cached_encode(split, task, tokenizer, max_length=8, cache=cache).to_dict() == fresh.to_dict()
 
 
+def test_cached_encodings_keep_float_labels_and_empty_splits(tmp_path, tokenizer_dir):
+    import lightning_merge.data.glue as glue
+
+    rows = [{"sentence1": "a film", "sentence2": "a movie", "label": 3.8},
+            {"sentence1": "a", "sentence2": "b", "label": 0}]
+    files = {"train": _write(tmp_path / "t.jsonl", rows), "validation": _write(tmp_path / "v.jsonl", rows)}
+    task, tokenizer = get_task("stsb"), load_tokenizer(tokenizer_dir)
+    split = load_splits(task, files)["train"]
+    glue.cached_encode(split, task, tokenizer, cache=tmp_path / "cache")
+    again = glue.cached_encode(split, task, tokenizer, cache=tmp_path / "cache")
+    assert again.features == encode(split, task, tokenizer).features and again["labels"] == pytest.approx([3.8, 0.0])
+    empty = glue.cached_encode(split.select([]), task, tokenizer, cache=tmp_path / "cache")
+    assert len(empty) == 0 and len(glue.longest_first(empty)) == 0
+
+
 def test_tsv_reads_quotes_literally_and_label_names_map(tmp_path):
     rows = [{"sentence": 'he said "great', "label": "positive"}, {"sentence": "NA", "label": "negative"}]
     files = {"train": _write(tmp_path / "t.tsv", rows), "validation": _write(tmp_path / "v.jsonl", rows)}

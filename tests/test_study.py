@@ -135,6 +135,7 @@ class OverlapFakeLm(FakeLm):
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
         self.lock, self.now, self.most, self.envs = threading.Lock(), 0, 0, []
+        self.failed = threading.Event()
 
     def __call__(self, command, stdout=None, stderr=None, env=None):
         argv = command[3:]
@@ -145,7 +146,12 @@ class OverlapFakeLm(FakeLm):
             self.now += 1
             self.most = max(self.most, self.now)
             self.envs.append(env)
-        if not (self.fail_on and self.fail_on in " ".join(argv)):  # a failing stage fails at once
+        if self.fail_on and self.fail_on in " ".join(argv):  # a failing stage fails at once
+            self.failed.set()
+        elif self.fail_on:  # the others finish well after it
+            self.failed.wait(5)
+            time.sleep(0.2)
+        else:
             time.sleep(0.05)
         try:
             return super().__call__(command, stdout, stderr)
@@ -331,8 +337,26 @@ def test_with_two_jobs_the_study_has_half_its_stages_time_left(tmp_path) -> None
 
     stages = study_stages(tmp_path, [0, 1, 2], "configs/mlm.yaml", [], "configs/merge/mlm.yaml", [], {})
     clock = StudyClock(stages, jobs=2)
-    clock.finished(stages[0], 60.0)  # two pretrain stages of 60 s left, two at a time; merges not timed
-    assert clock.outlook(None, 0.0) == "study ~1.0 min left + 3 stages not yet timed"
+    clock.finished(stages[0], 60.0)
+    clock.finished(stages[1], 120.0)  # pretrain seed 2 (~90 s) and three merges left; merges not timed
+    assert clock.outlook(None, 0.0) == "study ~1.5 min left + 3 stages not yet timed"  # one stage: not halved
+    for stage in stages[2:5]:
+        clock.finished(stage, 60.0)  # 90 s of pretraining; merges of 60 s
+    assert clock.outlook(stages[5], 0.0) == "expected ~1.0 min; study ~1.0 min left"
+    clock = StudyClock(stages, jobs=2)
+    for stage in (stages[0], stages[3]):
+        clock.finished(stage, 60.0)  # two pretrain stages and two merges of 60 s left: two at a time
+    assert clock.outlook(None, 0.0) == "study ~2.0 min left"
+
+
+def test_three_jobs_share_the_cores_among_the_stages_started_together(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
+    fake = OverlapFakeLm()
+    monkeypatch.setattr(subprocess, "run", fake)
+    reproduce(str(tmp_path), [0, 1, 2], jobs=3)
+    assert [env["OMP_NUM_THREADS"] for env in fake.envs[:3]] == ["2"] * 3  # three pretraining stages together
+    assert fake.most == 3
 
 
 def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> None:

@@ -51,8 +51,9 @@ SPLIT_SEED = 0  # offline splits are fixed: every training seed (and every merge
 GLUE_HUB = "nyu-mll/glue"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 ENCODING_VERSION = 1  # bump when `encode` changes, so cached encodings are rebuilt
-# how `datasets` stores the tokenizer's columns (it narrows these three); any other column is stored as int32
-NARROW_COLUMNS = {"attention_mask": np.int8, "token_type_ids": np.int8, "special_tokens_mask": np.int8}
+# the integer types `datasets` gives the tokenizer's columns (`OptimizedTypedSequence`); a cached encoding keeps them
+TOKEN_COLUMN_TYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
+                      "special_tokens_mask": np.int8}
 
 
 @dataclass(frozen=True)
@@ -477,12 +478,13 @@ def cached_encode(
     Keyed by the split's texts and labels, the tokenizer's definition and ``max_length``; a damaged or cut file is
     rebuilt (`lightning_merge.io.read_verified`). Slow tokenizers (no ``tokenizer.json`` to key by) are not cached.
     """
-    if not tokenizer.is_fast:
+    if not tokenizer.is_fast or len(dataset) == 0:  # an empty split: `map` leaves it without token columns
         return encode(dataset, task, tokenizer, max_length)
     texts = [["" if t is None else str(t) for t in dataset[key]] for key in task.text_keys]
     labels = json.dumps([task.label_id(v) for v in dataset[LABEL]])
+    settings = [tokenizer.truncation_side, list(tokenizer.model_input_names), type(tokenizer).__name__]
     key = [task.name, corpus_hash([*chain.from_iterable(texts), labels]), tokenizer_fingerprint(tokenizer),
-           max_length, ENCODING_VERSION]
+           settings, max_length, ENCODING_VERSION]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = (cache or cache_dir()) / "glue" / f"{task.name}-{len(dataset)}-{digest}.npz"
     data = read_verified(path)
@@ -504,7 +506,7 @@ def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:
             arrays[column] = np.asarray(encoded[column])
         else:
             values = chain.from_iterable(encoded[column])
-            arrays[column] = np.fromiter(values, NARROW_COLUMNS.get(column, np.int32), count=int(lengths.sum()))
+            arrays[column] = np.fromiter(values, TOKEN_COLUMN_TYPES.get(column, np.int64), count=int(lengths.sum()))
     return arrays
 
 
@@ -525,6 +527,8 @@ def longest_first(dataset: datasets.Dataset) -> datasets.Dataset:
     of a randomly ordered batch is padding. Losses and metrics are sums over examples, so the order changes only
     float rounding; the longest batch comes first, so running out of memory shows at once.
     """
+    if len(dataset) == 0:
+        return dataset
     lengths = [len(ids) for ids in dataset["input_ids"]]
     return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
 

@@ -33,6 +33,7 @@ from typing import Any
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -51,9 +52,6 @@ SPLIT_SEED = 0  # offline splits are fixed: every training seed (and every merge
 GLUE_HUB = "nyu-mll/glue"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
 ENCODING_VERSION = 1  # bump when `encode` changes, so cached encodings are rebuilt
-# the integer types `datasets` gives the tokenizer's columns (`OptimizedTypedSequence`); a cached encoding keeps them
-TOKEN_COLUMN_TYPES = {"input_ids": np.int32, "attention_mask": np.int8, "token_type_ids": np.int8,
-                      "special_tokens_mask": np.int8}
 
 
 @dataclass(frozen=True)
@@ -498,15 +496,14 @@ def cached_encode(
 
 
 def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:
-    """An encoded split as flat arrays: each token column concatenated, ``lengths`` to cut it, ``labels``."""
-    lengths = np.array([len(ids) for ids in encoded["input_ids"]], dtype=np.int64)
-    arrays = {"lengths": lengths}
-    for column in encoded.column_names:
-        if column == "labels":
-            arrays[column] = np.asarray(encoded[column])
-        else:
-            values = chain.from_iterable(encoded[column])
-            arrays[column] = np.fromiter(values, TOKEN_COLUMN_TYPES.get(column, np.int64), count=int(lengths.sum()))
+    """An encoded split as flat arrays, read from its Arrow columns (types kept): each token column concatenated,
+    ``lengths`` to cut it, ``labels``."""
+    table = encoded.with_format("arrow")  # its rows, through any selection of them
+    columns = {name: pa.chunked_array(table[name]).combine_chunks() for name in encoded.column_names}
+    arrays = {"lengths": pc.list_value_length(columns["input_ids"]).to_numpy()}
+    for name, column in columns.items():
+        values = column if name == "labels" else column.flatten()
+        arrays[name] = values.to_numpy(zero_copy_only=False)
     return arrays
 
 
@@ -529,8 +526,8 @@ def longest_first(dataset: datasets.Dataset) -> datasets.Dataset:
     """
     if len(dataset) == 0:
         return dataset
-    lengths = [len(ids) for ids in dataset["input_ids"]]
-    return dataset.select(sorted(range(len(lengths)), key=lambda i: -lengths[i]))
+    lengths = pc.list_value_length(pa.chunked_array(dataset.with_format("arrow")["input_ids"])).to_numpy()
+    return dataset.select(np.argsort(-lengths, kind="stable"))
 
 
 def tokenizer_source(init_from: str) -> str:

@@ -17,6 +17,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from lightning_merge.callbacks import HFExport, MergeCallback
+from lightning_merge.data.tensors import spread_indices
 from lightning_merge.errors import ConfigError, DataError, OutputExistsError
 from lightning_merge.io import (
     atomic_dir,
@@ -429,18 +430,11 @@ def _activation_moments(model: InterpolationModule, loader: DataLoader, special:
     over the statistics data (not its first rows: GLUE's come longest first), the same on every rank."""
 
     def activations(params: Mapping[str, torch.Tensor], features: list[str], count: int) -> dict:
-        rows = _evenly_spread(len(loader.dataset), count * loader.batch_size)
+        rows = spread_indices(len(loader.dataset), count * loader.batch_size).tolist()
         batches = DataLoader(Subset(loader.dataset, rows), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
         return feature_moments(model.model_a, params, model.spec, features, batches, special)
 
     return activations
-
-
-def _evenly_spread(total: int, wanted: int) -> list[int]:
-    """``wanted`` indices of ``range(total)`` spread evenly, in order (all of them if there are no more)."""
-    if wanted >= total:
-        return list(range(total))
-    return [i * total // wanted for i in range(wanted)]
 
 
 def _special_token_ids(datamodule: Any, exclude_special: bool) -> list[int] | None:

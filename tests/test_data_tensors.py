@@ -47,3 +47,10 @@ def test_ranks_share_an_epoch_in_equal_disjoint_parts(monkeypatch):
         shares.append(list(sampler))
     assert all(len(share) == 8 for share in shares)
     assert sorted(set().union(*map(set, shares))) == list(range(22))  # every index, two repeated to pad
+
+
+def test_spread_indices_cover_the_data_in_order() -> None:
+    from lightning_merge.data.tensors import spread_indices
+
+    assert spread_indices(10, 3).tolist() == [0, 4, 9] and spread_indices(3, 5).tolist() == [0, 1, 2]
+    assert spread_indices(4, None).tolist() == [0, 1, 2, 3]

@@ -391,9 +391,3 @@ def test_classifier_merge_reports_metric_barriers(tmp_path) -> None:
         assert len(accuracy) == 3 and all(0.0 <= a <= 1.0 for a in accuracy)
         assert results["barriers"][method]["accuracy_barrier"] >= 0.0
     assert "accuracy_barrier" in (tmp_path / "run" / "barriers.json").read_text()
-
-
-def test_repair_batches_are_spread_over_the_statistics_data() -> None:
-    from lightning_merge.trainer import _evenly_spread
-
-    assert _evenly_spread(10, 3) == [0, 3, 6] and _evenly_spread(3, 5) == [0, 1, 2]

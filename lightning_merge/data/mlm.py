@@ -34,7 +34,7 @@ from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerBas
 
 from lightning_merge.data.offline import cache_dir as default_cache_dir
 from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
-from lightning_merge.data.tensors import ResumableLoader, TensorDictDataset
+from lightning_merge.data.tensors import ResumableLoader, TensorDictDataset, spread_indices
 from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer, tokenizer_fingerprint
 from lightning_merge.errors import ConfigError, DataError
 from lightning_merge.io import read_verified, write_verified
@@ -106,7 +106,7 @@ def _spread(blocks: np.ndarray, limit: int | None) -> np.ndarray:
     """At most ``limit`` blocks, evenly spread over the split (so a small slice still covers every document)."""
     if limit is None or limit >= len(blocks):
         return blocks
-    return blocks[np.linspace(0, len(blocks) - 1, limit).round().astype(np.int64)]
+    return blocks[spread_indices(len(blocks), limit)]
 
 
 class MLMDataModule(pl.LightningDataModule):

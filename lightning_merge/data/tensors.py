@@ -7,8 +7,17 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+def spread_indices(total: int, wanted: int | None) -> np.ndarray:
+    """At most ``wanted`` indices of ``range(total)``, evenly spread over it and in order (all of them if ``wanted``
+    is None or no smaller), so a small sample still covers the whole data, whatever order it is in."""
+    if wanted is None or wanted >= total:
+        return np.arange(total)
+    return np.linspace(0, total - 1, wanted).round().astype(np.int64)
 
 
 class TensorDictDataset(Dataset):

@@ -499,7 +499,7 @@ def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:
     """An encoded split as flat arrays, read from its Arrow columns (types kept): each token column concatenated,
     ``lengths`` to cut it, ``labels``."""
     table = encoded.with_format("arrow")  # its rows, through any selection of them
-    columns = {name: pa.chunked_array(table[name]).combine_chunks() for name in encoded.column_names}
+    columns = {name: table[name].combine_chunks() for name in encoded.column_names}
     arrays = {"lengths": pc.list_value_length(columns["input_ids"]).to_numpy()}
     for name, column in columns.items():
         values = column if name == "labels" else column.flatten()
@@ -526,7 +526,7 @@ def longest_first(dataset: datasets.Dataset) -> datasets.Dataset:
     """
     if len(dataset) == 0:
         return dataset
-    lengths = pc.list_value_length(pa.chunked_array(dataset.with_format("arrow")["input_ids"])).to_numpy()
+    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
     return dataset.select(np.argsort(-lengths, kind="stable"))
 
 

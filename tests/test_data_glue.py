@@ -98,6 +98,24 @@ def test_evaluation_splits_come_longest_first_and_training_keeps_its_order(tmp_p
     assert sum(lengths) <= slots[0] < slots[1]
 
 
+def test_grouped_training_batches_pad_less_and_still_see_every_example_once(tmp_path, tokenizer_dir):
+    words = WORDS.split()
+    rows = [{"sentence": " ".join(words[: 1 + (7 * i) % 13]), "label": i % 2} for i in range(64)]
+    files = {"train": _write(tmp_path / "t.jsonl", rows), "validation": _write(tmp_path / "v.jsonl", rows[:8])}
+    slots, seen = {}, {}
+    for grouped in (False, True):
+        data = GLUEDataModule(task="sst2", tokenizer=tokenizer_dir, data_files=files, batch_size=4,
+                              group_by_length=grouped)
+        data.setup("fit")
+        batches = list(data.train_dataloader())
+        slots[grouped] = sum(b["input_ids"].numel() for b in batches)
+        seen[grouped] = sorted(tuple(ids[mask.bool()].tolist()) for b in batches
+                               for ids, mask in zip(b["input_ids"], b["attention_mask"]))
+    tokens = sum(len(ids) for ids in data.datasets["train"]["input_ids"])
+    assert seen[True] == seen[False]  # the same examples, each once
+    assert tokens <= slots[True] < slots[False] and slots[True] - tokens < (slots[False] - tokens) / 2
+
+
 def test_encodings_are_cached_by_texts_tokenizer_and_length(tmp_path, tokenizer_dir, monkeypatch):
     import lightning_merge.data.glue as glue
 

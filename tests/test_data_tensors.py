@@ -54,3 +54,37 @@ def test_spread_indices_cover_the_data_in_order() -> None:
 
     assert spread_indices(10, 3).tolist() == [0, 4, 9] and spread_indices(3, 5).tolist() == [0, 1, 2]
     assert spread_indices(4, None).tolist() == [0, 1, 2, 3]
+
+
+def test_length_grouped_order_batches_similar_lengths_per_seed_epoch_and_rank(monkeypatch) -> None:
+    from lightning_merge.data.tensors import EpochShuffle
+
+    lengths = torch.randint(1, 200, (400,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    def epoch(seed: int, epoch: int = 0, rank: int = 0, world: int = 1) -> list[int]:
+        sampler = EpochShuffle(400, seed, lengths, batch_size=4)
+        monkeypatch.setattr(sampler, "_world", lambda: (rank, world))
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    def padding(order: list[int]) -> int:
+        batches = ([lengths[i] for i in order[j:j + 4]] for j in range(0, len(order), 4))
+        return sum(len(b) * max(b) - sum(b) for b in batches)
+
+    order = epoch(1)
+    assert sorted(order) == list(range(400)) and order == epoch(1)
+    assert order != epoch(2) and order != epoch(1, epoch=1)
+    assert padding(order) < padding(torch.randperm(400).tolist()) / 5
+    shares = [epoch(1, rank=r, world=2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(400))
+    assert all(padding(share) < padding(torch.randperm(400)[:200].tolist()) / 5 for share in shares)  # per rank too
+
+
+def test_a_grouped_loader_resumes_in_the_same_order() -> None:
+    lengths = [(7 * i) % 13 for i in range(22)]
+    uninterrupted = [batch["x"] for batch in ResumableLoader(rows(), batch_size=4, seed=3, lengths=lengths)]
+    first = ResumableLoader(rows(), batch_size=4, seed=3, lengths=lengths)
+    seen = [batch["x"] for _, batch in zip(range(2), first)]
+    resumed = ResumableLoader(rows(), batch_size=4, seed=3, lengths=lengths)
+    resumed.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(seen + list(b["x"] for b in resumed), uninterrupted, strict=True))

@@ -526,8 +526,12 @@ def longest_first(dataset: datasets.Dataset) -> datasets.Dataset:
     """
     if len(dataset) == 0:
         return dataset
-    lengths = pc.list_value_length(dataset.with_format("arrow")["input_ids"]).to_numpy()
-    return dataset.select(np.argsort(-lengths, kind="stable"))
+    return dataset.select(np.argsort(-token_counts(dataset), kind="stable"))
+
+
+def token_counts(encoded: datasets.Dataset) -> np.ndarray:
+    """Each example's number of tokens, read from the split's Arrow column."""
+    return pc.list_value_length(encoded.with_format("arrow")["input_ids"]).to_numpy()
 
 
 def tokenizer_source(init_from: str) -> str:
@@ -564,6 +568,8 @@ class GLUEDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers.
         max_train_samples: Keep a fixed random subset of the training split (same for every seed).
         max_eval_samples: Same for every validation/test split.
+        group_by_length: Training batches of examples of similar length (transformers' length-grouped order,
+            `lightning_merge.data.tensors.EpochShuffle`): a shuffled batch of the offline tasks is half padding.
     """
 
     def __init__(
@@ -577,6 +583,7 @@ class GLUEDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         max_train_samples: int | None = None,
         max_eval_samples: int | None = None,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -629,9 +636,10 @@ class GLUEDataModule(pl.LightningDataModule):
         resumed with ``--ckpt_path last`` continues the epoch where the interrupted one stopped."""
         if TRAIN not in self.datasets:
             return self._loader(TRAIN, shuffle=True)  # names the missing split
-        collate = DataCollatorWithPadding(self.tokenizer)
-        return ResumableLoader(self.datasets[TRAIN], self.hparams.batch_size, torch.initial_seed(), collate,
-                               self.hparams.num_workers)
+        train = self.datasets[TRAIN]
+        lengths = token_counts(train).tolist() if self.hparams.group_by_length else None
+        return ResumableLoader(train, self.hparams.batch_size, torch.initial_seed(),
+                               DataCollatorWithPadding(self.tokenizer), self.hparams.num_workers, lengths)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         loaders = [self._loader(split, shuffle=False) for split in self.task.validation_splits]

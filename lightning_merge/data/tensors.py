@@ -4,7 +4,7 @@ and a shuffling loader that a resumed run continues where the killed one stopped
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,11 +40,18 @@ class EpochShuffle(DistributedSampler):
     of the epoch's order (padded by repeats to equal shares, so ranks step together); being a `DistributedSampler`,
     Lightning keeps it rather than putting its own in. `skip` drops the first indices of the rank's next iteration
     only (a run resumed in the middle of an epoch); the length stays the epoch's, as Lightning counts it.
+
+    Given the rows' ``lengths`` (and the ``batch_size``), the order is transformers' length-grouped one: shuffled,
+    then sorted by length within groups of 50 batches (of all ranks together), so a batch pads little; the order of
+    the batches themselves runs long to short within each group.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, lengths: Sequence[int] | None = None, batch_size: int = 1) -> None:
         super().__init__(range(size), num_replicas=1, rank=0, shuffle=True, seed=seed)
+        if lengths is not None and len(lengths) != size:
+            raise ValueError(f"{len(lengths)} lengths for {size} rows")
         self.size, self.skip = size, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def _world(self) -> tuple[int, int]:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -57,11 +64,18 @@ class EpochShuffle(DistributedSampler):
     def __iter__(self) -> Iterator[int]:
         rank, world = self._world()
         generator = torch.Generator().manual_seed((self.seed + 1_000_003 * self.epoch) % 2**63)
-        order = torch.randperm(self.size, generator=generator).tolist()
+        order = self._order(generator, world)
         order += order[: len(self) * world - self.size]  # equal shares for every rank
         share = order[rank::world][self.skip :]
         self.skip = 0
         return iter(share)
+
+    def _order(self, generator: torch.Generator, world: int) -> list[int]:
+        if self.lengths is None or self.size == 0:
+            return torch.randperm(self.size, generator=generator).tolist()
+        from transformers.trainer_pt_utils import get_length_grouped_indices  # slow to import; only where grouped
+
+        return get_length_grouped_indices(self.lengths, self.batch_size * world, generator=generator)
 
 
 class ResumableLoader(DataLoader):
@@ -75,12 +89,15 @@ class ResumableLoader(DataLoader):
         collate_fn: turns rows into a batch; it should not draw from global random state, which a resumed run
             does not restore (see `lightning_merge.data.mlm.SeededMasking`).
         num_workers: DataLoader worker processes.
+        lengths: each row's length, to batch rows of similar length together (`EpochShuffle`).
     """
 
     def __init__(
-        self, dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable | None = None, num_workers: int = 0
+        self, dataset: Dataset, batch_size: int, seed: int, collate_fn: Callable | None = None, num_workers: int = 0,
+        lengths: Sequence[int] | None = None,
     ) -> None:
-        super().__init__(dataset, batch_size=batch_size, sampler=EpochShuffle(len(dataset), seed),
+        sampler = EpochShuffle(len(dataset), seed, lengths, batch_size)
+        super().__init__(dataset, batch_size=batch_size, sampler=sampler,
                          collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0)
         self._handed_out = 0
         self._resume_at = 0

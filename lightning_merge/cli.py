@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         if command[:1] == ["reproduce"]:
-            run_reproduce(command[1:])
+            try:
+                run_reproduce(command[1:])
+            except KeyboardInterrupt:  # the study has said which stages it stopped
+                sys.exit(130)
         else:
             build_cli(argv)
     except Exception as err:

@@ -1,9 +1,10 @@
 """``lm-merge reproduce``: the whole study from one YAML — pretrain seeds, fine-tune, merge every pair, report.
 
 Each stage is an ordinary ``lm-merge fit``/``lm-merge merge`` run in a subprocess (so a crash or a kill leaves the
-orchestrator's state on disk, not in memory). A stage is marked complete only after its outputs exist; a rerun skips
-completed stages, and a stage that was interrupted is cleared and restarted from scratch — only ever a folder the
-study itself started (its marker says so): a folder holding anyone else's files stops the study instead.
+orchestrator's state on disk, not in memory); an interrupted study (Ctrl-C, SIGTERM) stops its running stages. A
+stage is marked complete only after its outputs exist; a rerun skips completed stages, and a stage that was
+interrupted is cleared and restarted from scratch — only ever a folder the study itself started (its marker says
+so): a folder holding anyone else's files stops the study instead.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lightning_merge.errors import ConfigError, LightningMergeError
 from lightning_merge.io import atomic_write_text
@@ -148,6 +151,75 @@ def _joint_merge_stage(root: Path, config: str, models: dict[int, str], methods:
                  _run_dirs_of(*paths), "merge mlm jointly")
 
 
+class StageProcesses:
+    """The stages' running subprocesses, so that an interrupted study stops them instead of leaving them running.
+
+    ``run`` takes `subprocess.run`'s arguments; after `stop_all` it starts nothing more. ``stopped`` counts the
+    stages stopped before they finished.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self._stopped = False
+        self.stopped = 0
+
+    def run(self, command: list[str], stdout: Any = None, stderr: Any = None,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+        with self._lock:
+            if self._stopped:
+                raise StageError("the study was interrupted; no new stage starts")
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
+            self._running.add(process)
+        try:
+            return subprocess.CompletedProcess(command, process.wait())
+        except BaseException:  # interrupted while waiting in this thread: the stage stops too
+            self._stop(process)
+            raise
+        finally:
+            with self._lock:
+                self._running.discard(process)
+
+    def stop_all(self) -> None:
+        """Stop the running stages and start no more."""
+        with self._lock:
+            self._stopped = True
+            processes = list(self._running)
+        for process in processes:
+            self._stop(process)
+
+    def _stop(self, process: subprocess.Popen, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if it has not ended after ``grace_s`` (Ctrl-C may have ended it already)."""
+        with self._lock:
+            self.stopped += 1
+        if process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def _termination_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, a job scheduler's cancel) interrupts the study as Ctrl-C does, so its stages are stopped
+    rather than orphaned; only the main thread can set signal handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _say(line: str) -> None:
     """Print one whole line: stages running side by side report from their own threads."""
     with _SAY_LOCK:
@@ -155,15 +227,27 @@ def _say(line: str) -> None:
 
 
 def _run_stages(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
-    """Run ``stages`` in their order, up to ``jobs`` at once (`_run_side_by_side`), or one after another."""
-    if jobs > 1:
-        _run_side_by_side(stages, jobs, log_dir, clock)
-        return
-    for index, stage in enumerate(stages, start=1):
-        _run_stage(stage, index, len(stages), log_dir, clock)
+    """Run ``stages`` in their order, up to ``jobs`` at once (`_run_side_by_side`), or one after another.
+
+    An interrupt (Ctrl-C, SIGTERM) stops the running stages; they stay incomplete and a rerun restarts them.
+    """
+    processes = StageProcesses()
+    try:
+        with _termination_interrupts():
+            if jobs > 1:
+                _run_side_by_side(stages, jobs, log_dir, clock, processes)
+                return
+            for index, stage in enumerate(stages, start=1):
+                _run_stage(stage, index, len(stages), log_dir, clock, processes)
+    except KeyboardInterrupt:
+        processes.stop_all()
+        _say(f"interrupted: stopped {processes.stopped} running stage(s); rerun the same command to continue")
+        raise
 
 
-def _run_side_by_side(stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock) -> None:
+def _run_side_by_side(
+    stages: list[Stage], jobs: int, log_dir: Path, clock: StudyClock, processes: StageProcesses
+) -> None:
     """Up to ``jobs`` stages at once, each once the stages it reads have finished, with an equal share of the cores
     among the stages running beside it when it starts (all of them when it starts alone, e.g. the last).
 
@@ -174,7 +258,7 @@ def _run_side_by_side(stages: list[Stage], jobs: int, log_dir: Path, clock: Stud
     finished: set[Path] = set()
     running: dict[Future, Stage] = {}
     failure: BaseException | None = None
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool, _stopped_on_interrupt(processes):
         while True:
             startable = [] if failure is not None else [
                 (i, s) for i, s in waiting if all(d in finished for d in s.inputs if d in produced_here)]
@@ -182,7 +266,7 @@ def _run_side_by_side(stages: list[Stage], jobs: int, log_dir: Path, clock: Stud
             for index, stage in startable[: jobs - len(running)]:
                 waiting.remove((index, stage))
                 env = _thread_share(at_once)
-                running[pool.submit(_run_stage, stage, index, len(stages), log_dir, clock, env)] = stage
+                running[pool.submit(_run_stage, stage, index, len(stages), log_dir, clock, processes, env)] = stage
             if not running:
                 break
             done, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -200,6 +284,16 @@ def _run_side_by_side(stages: list[Stage], jobs: int, log_dir: Path, clock: Stud
         raise StageError(f"stage '{waiting[0][1].name}' never became ready; its inputs did not finish")
 
 
+@contextmanager
+def _stopped_on_interrupt(processes: StageProcesses) -> Iterator[None]:
+    """Stop the stages before the thread pool waits for them: an interrupt reaches the main thread only."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        processes.stop_all()
+        raise
+
+
 def _thread_share(stages_at_once: int) -> Mapping[str, str] | None:
     """The environment of a stage's subprocess among ``stages_at_once``: its share of the CPU cores as torch's
     threads (``OMP_NUM_THREADS``), unless the user set that already."""
@@ -210,7 +304,8 @@ def _thread_share(stages_at_once: int) -> Mapping[str, str] | None:
 
 
 def _run_stage(
-    stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock, env: Mapping[str, str] | None = None
+    stage: Stage, index: int, total: int, log_dir: Path, clock: StudyClock, processes: StageProcesses,
+    env: Mapping[str, str] | None = None,
 ) -> None:
     prefix = f"[{index}/{total}] {stage.name}"
     if stage.is_complete():
@@ -224,8 +319,8 @@ def _run_stage(
     _say(f"{prefix}: running (log: {log_path}); {clock.outlook(stage, 0.0)}")
     start = time.perf_counter()
     with open(log_path, "w") as log, _progress_lines(prefix, stage, clock, start):
-        result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log,
-                                env=env)
+        result = processes.run([sys.executable, "-m", "lightning_merge.cli", *stage.argv], stdout=log, stderr=log,
+                               env=env)
     if result.returncode != 0:
         reason = _last_line(log_path)
         raise StageError(f"stage '{stage.name}' failed (exit {result.returncode}); see {log_path}: {reason}")

@@ -94,6 +94,18 @@ def fitted(tmp_path_factory) -> Path:
     return root
 
 
+def test_an_interrupted_reproduce_exits_130_without_a_traceback(monkeypatch, capsys) -> None:
+    import lightning_merge.cli as cli
+
+    def interrupted(args: list[str]) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "run_reproduce", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["reproduce", "--config", "configs/reproduce/quickstart.yaml"])
+    assert exited.value.code == 130 and "Traceback" not in capsys.readouterr().err
+
+
 def test_fit_writes_checkpoints_hf_export_and_logs(fitted) -> None:
     run = fitted / "seed0"
     assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.report import MERGE_COMPLETE
-from lightning_merge.study import COMPLETE_MARKER, StageError, TaskSpec, reproduce, study_stages
+from lightning_merge.study import COMPLETE_MARKER, StageError, StageProcesses, TaskSpec, reproduce, study_stages
 from lightning_merge.study_report import mean_se, write_study_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,27 +87,27 @@ def test_stages_cover_seeds_tasks_and_pairs(tmp_path) -> None:
 def test_rerun_skips_complete_stages_and_restarts_interrupted_ones(tmp_path, monkeypatch) -> None:
     study = tmp_path / "study"
     dying = FakeLm(die_on="merge/mlm/seed0-seed1")
-    monkeypatch.setattr(subprocess, "run", dying)
+    monkeypatch.setattr(StageProcesses, "run", dying)
     with pytest.raises(KeyboardInterrupt):
         reproduce(str(study), [0, 1], tasks=TASKS)
     assert (study / "merge/mlm/seed0-seed1/partial").exists()
     assert not (study / "merge/mlm/seed0-seed1" / COMPLETE_MARKER).exists()
     rerun = FakeLm()
-    monkeypatch.setattr(subprocess, "run", rerun)
+    monkeypatch.setattr(StageProcesses, "run", rerun)
     report = reproduce(str(study), [0, 1], tasks=TASKS)
     assert [argv[0] for argv in rerun.calls] == ["merge", "merge"]  # the interrupted merge and the task merge only
     assert (report / "report.md").is_file()
     again = FakeLm()
-    monkeypatch.setattr(subprocess, "run", again)
+    monkeypatch.setattr(StageProcesses, "run", again)
     reproduce(str(study), [0, 1], tasks=TASKS)
     assert again.calls == []
 
 
 def test_changed_arguments_rerun_a_stage_and_what_depends_on_it(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(subprocess, "run", FakeLm())
+    monkeypatch.setattr(StageProcesses, "run", FakeLm())
     reproduce(str(tmp_path), [0, 1])
     changed = FakeLm()
-    monkeypatch.setattr(subprocess, "run", changed)
+    monkeypatch.setattr(StageProcesses, "run", changed)
     reproduce(str(tmp_path), [0, 1], pretrain_args=["--trainer.max_steps", "5"])
     assert [argv[0] for argv in changed.calls] == ["fit", "fit", "merge"]  # new pretraining invalidates the merge
 
@@ -115,7 +117,7 @@ def test_a_stage_folder_with_files_the_study_did_not_write_is_never_deleted(tmp_
     foreign = study / "pretrain" / "seed1" / "my_notes.txt"
     foreign.parent.mkdir(parents=True)
     foreign.write_text("mine")
-    monkeypatch.setattr(subprocess, "run", FakeLm())
+    monkeypatch.setattr(StageProcesses, "run", FakeLm())
     with pytest.raises(StageError, match="pretrain seed 1.*holds files this study did not write.*nothing was deleted"):
         reproduce(str(study), [0, 1])
     assert foreign.read_text() == "mine"
@@ -123,7 +125,7 @@ def test_a_stage_folder_with_files_the_study_did_not_write_is_never_deleted(tmp_
 
 
 def test_failed_stage_names_its_log(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(subprocess, "run", FakeLm(fail_on="pretrain/seed1"))
+    monkeypatch.setattr(StageProcesses, "run", FakeLm(fail_on="pretrain/seed1"))
     with pytest.raises(StageError, match=r"pretrain seed 1.*pretrain_seed_1\.log.*something broke"):
         reproduce(str(tmp_path), [0, 1])
     assert (tmp_path / "pretrain/seed0" / COMPLETE_MARKER).is_file()
@@ -163,10 +165,10 @@ class OverlapFakeLm(FakeLm):
 def test_two_jobs_run_stages_side_by_side_once_their_inputs_are_ready(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     parallel = OverlapFakeLm()
-    monkeypatch.setattr(subprocess, "run", parallel)
+    monkeypatch.setattr(StageProcesses, "run", parallel)
     report = reproduce(str(tmp_path / "parallel"), [0, 1, 2], tasks=TASKS, jobs=2)
     sequential = FakeLm()
-    monkeypatch.setattr(subprocess, "run", sequential)
+    monkeypatch.setattr(StageProcesses, "run", sequential)
     reproduce(str(tmp_path / "sequential"), [0, 1, 2], tasks=TASKS)
     assert parallel.most == 2 and sorted(map(str, parallel.calls)) == sorted(
         str(call).replace("sequential", "parallel") for call in sequential.calls)  # each stage once
@@ -179,20 +181,20 @@ def test_two_jobs_run_stages_side_by_side_once_their_inputs_are_ready(tmp_path, 
 def test_a_stage_that_starts_alone_gets_every_core(tmp_path, monkeypatch) -> None:
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     fake = OverlapFakeLm()
-    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(StageProcesses, "run", fake)
     reproduce(str(tmp_path), [0, 1], jobs=2)  # two pretraining stages side by side, then the merge alone
     cores = len(os.sched_getaffinity(0))
     assert [env["OMP_NUM_THREADS"] for env in fake.envs] == [str(max(1, cores // 2))] * 2 + [str(cores)]
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting stands
     fake = OverlapFakeLm()
-    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(StageProcesses, "run", fake)
     reproduce(str(tmp_path / "again"), [0, 1], jobs=2)
     assert fake.envs == [None] * 3
 
 
 def test_after_a_failed_stage_no_new_stage_starts(tmp_path, monkeypatch) -> None:
     failing = OverlapFakeLm(fail_on="pretrain/seed1")
-    monkeypatch.setattr(subprocess, "run", failing)
+    monkeypatch.setattr(StageProcesses, "run", failing)
     with pytest.raises(StageError, match="pretrain seed 1"):
         reproduce(str(tmp_path), [0, 1, 2], tasks=TASKS, jobs=2)
     started = {Path(argv[argv.index("--trainer.default_root_dir") + 1]).relative_to(tmp_path) for argv in failing.calls}
@@ -202,13 +204,48 @@ def test_after_a_failed_stage_no_new_stage_starts(tmp_path, monkeypatch) -> None
         reproduce(str(tmp_path), [0, 1], jobs=0)
 
 
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_an_interrupted_study_stops_its_running_stages(tmp_path, monkeypatch, capsys, jobs) -> None:
+    """SIGTERM to the orchestrator alone (a scheduler's cancel): its running stages are stopped, not orphaned, and
+    stay incomplete; a rerun restarts them."""
+    started: list[subprocess.Popen] = []
+    real_popen = subprocess.Popen
+
+    def sleeping_stage(command, **kwargs):  # every stage hangs until it is stopped
+        process = real_popen([sys.executable, "-c", "import time; time.sleep(120)"], **kwargs)
+        started.append(process)
+        return process
+
+    monkeypatch.setattr(subprocess, "Popen", sleeping_stage)
+    handler = signal.getsignal(signal.SIGTERM)
+    threading.Timer(1.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    begun = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(str(tmp_path), [0, 1], jobs=jobs)
+    assert time.monotonic() - begun < 30 and len(started) == jobs  # the pretraining stages running at once
+    assert all(process.poll() is not None for process in started)
+    assert f"interrupted: stopped {jobs} running stage(s)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGTERM) == handler  # the study's own handler is gone with it
+    assert not list(tmp_path.glob("pretrain/*/" + COMPLETE_MARKER))
+    monkeypatch.setattr(StageProcesses, "run", rerun := FakeLm())
+    reproduce(str(tmp_path), [0, 1], jobs=jobs)
+    assert sorted(argv[0] for argv in rerun.calls) == ["fit", "fit", "merge"]
+
+
+def test_a_stopped_study_starts_no_new_stage() -> None:
+    processes = StageProcesses()
+    processes.stop_all()
+    with pytest.raises(StageError, match="interrupted"):
+        processes.run([sys.executable, "-c", "pass"])
+
+
 def test_a_study_needs_two_distinct_seeds(tmp_path) -> None:
     with pytest.raises(ConfigError, match="two distinct seeds"):
         reproduce(str(tmp_path), [3, 3])
 
 
 def test_report_tables_have_every_row_filled(tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr(subprocess, "run", FakeLm())
+    monkeypatch.setattr(StageProcesses, "run", FakeLm())
     report = reproduce(str(tmp_path), [0, 1, 2], tasks=TASKS)
     text = (report / "report.md").read_text()
     for heading in ("Table 1", "Table 2", "Table 3", "Every method (MLM)", "Every method (rt_polarity)"):
@@ -267,11 +304,11 @@ def test_an_edited_config_file_reruns_its_stages(tmp_path, monkeypatch) -> None:
     fit_config = tmp_path / "rt_polarity.yaml"
     fit_config.write_text((ROOT / "configs/glue/rt_polarity.yaml").read_text())
     tasks = {"rt_polarity": TaskSpec(str(fit_config), merge_args=["--data.init_args.task", "rt_polarity"])}
-    monkeypatch.setattr(subprocess, "run", FakeLm())
+    monkeypatch.setattr(StageProcesses, "run", FakeLm())
     reproduce(str(tmp_path / "study"), [0, 1], tasks=tasks)
     fit_config.write_text(fit_config.read_text().replace("max_epochs: 2", "max_epochs: 3"))
     edited = FakeLm()
-    monkeypatch.setattr(subprocess, "run", edited)
+    monkeypatch.setattr(StageProcesses, "run", edited)
     reproduce(str(tmp_path / "study"), [0, 1], tasks=tasks)
     rerun_dirs = [argv[argv.index("--trainer.default_root_dir") + 1] for argv in edited.calls]
     assert len(rerun_dirs) == 3 and all("rt_polarity" in d for d in rerun_dirs)  # 2 fine-tunes + their merge
@@ -294,7 +331,7 @@ def test_each_stage_line_shows_its_expected_and_the_study_remaining_time(tmp_pat
 
     clock = [0.0]
     monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock))
+    monkeypatch.setattr(StageProcesses, "run", TimedFakeLm(clock))
     reproduce(str(tmp_path), [0, 1, 2])  # 3 pretrain stages, then 3 merges
     lines = capsys.readouterr().out.splitlines()
     running = [line for line in lines if ": running" in line]
@@ -311,10 +348,10 @@ def test_a_rerun_estimates_from_the_earlier_runs_times(tmp_path, monkeypatch, ca
 
     clock = [0.0]
     monkeypatch.setattr(study.time, "perf_counter", lambda: clock[0])
-    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock))
+    monkeypatch.setattr(StageProcesses, "run", TimedFakeLm(clock))
     reproduce(str(tmp_path), [0, 1])
     capsys.readouterr()
-    monkeypatch.setattr(subprocess, "run", TimedFakeLm(clock, fit_seconds=60.0))
+    monkeypatch.setattr(StageProcesses, "run", TimedFakeLm(clock, fit_seconds=60.0))
     reproduce(str(tmp_path), [0, 1], pretrain_args=["--trainer.max_steps", "3"])  # every stage reruns
     running = [line for line in capsys.readouterr().out.splitlines() if ": running" in line]
     assert running[0].endswith("expected ~2.0 min; study ~4.5 min left")  # 2 pretrains and 1 merge, as last time
@@ -353,7 +390,7 @@ def test_three_jobs_share_the_cores_among_the_stages_started_together(tmp_path, 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(6)))
     fake = OverlapFakeLm()
-    monkeypatch.setattr(subprocess, "run", fake)
+    monkeypatch.setattr(StageProcesses, "run", fake)
     reproduce(str(tmp_path), [0, 1, 2], jobs=3)
     assert [env["OMP_NUM_THREADS"] for env in fake.envs[:3]] == ["2"] * 3  # three pretraining stages together
     assert fake.most == 3
@@ -370,7 +407,7 @@ def test_a_running_stage_reports_its_progress(tmp_path, monkeypatch, capsys) -> 
             return super().__call__(command, stdout, stderr)
 
     monkeypatch.setattr(study, "PROGRESS_INTERVAL_S", 0.05)
-    monkeypatch.setattr(subprocess, "run", SlowFakeLm())
+    monkeypatch.setattr(StageProcesses, "run", SlowFakeLm())
     reproduce(str(tmp_path), [0, 1])
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("[1/3] pretrain seed 0: 0.0 min in, no estimate yet") for line in lines)
@@ -401,7 +438,7 @@ def test_a_joint_merge_of_every_seed_adds_the_n_model_table(tmp_path, monkeypatc
             return subprocess.CompletedProcess(command, 0)
         return fake(command, stdout, stderr)
 
-    monkeypatch.setattr(subprocess, "run", lm)
+    monkeypatch.setattr(StageProcesses, "run", staticmethod(lm))
     report = reproduce(str(tmp_path), [0, 1, 2], joint_methods=joint)
     text = (report / "report.md").read_text()
     table = text[text.index("### 3 models merged at once"):]

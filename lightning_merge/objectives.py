@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from lightning_merge.merge.families import Family, family_of_class, model_inputs
-from lightning_merge.merge.interpolate import math_dtype
+from lightning_merge.merge.interpolate import in_math_dtype
 
 IGNORE_INDEX = -100
 
@@ -41,13 +41,13 @@ class _LanguageModelObjective(nn.Module):
 
     def outputs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """(summed loss, item count) of ``logits`` against ``targets`` (e.g. of a mixture of models' logits)."""
-        loss_sum = F.cross_entropy(logits.to(math_dtype(logits.dtype)), targets, reduction="sum")
+        loss_sum = F.cross_entropy(in_math_dtype(logits), targets, reduction="sum")
         return loss_sum, torch.tensor(targets.numel(), device=targets.device)
 
     def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Per-token losses at the predicted positions, and the ``(B, T)`` boolean mask of those positions."""
         logits, targets, positions = self._predicted(batch)
-        return F.cross_entropy(logits.to(math_dtype(logits.dtype)), targets, reduction="none"), positions
+        return F.cross_entropy(in_math_dtype(logits), targets, reduction="none"), positions
 
     def logits(self, hidden: Tensor) -> Tensor:
         """LM logits of (N, d) hidden states through the family's head modules."""
@@ -102,7 +102,7 @@ class SequenceClassificationObjective(nn.Module):
 
     def outputs(self, logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(summed loss, example count, logits) of ``logits`` against ``labels``."""
-        logits = logits.to(math_dtype(logits.dtype))  # autocast's half precision in float32
+        logits = in_math_dtype(logits)  # autocast's half precision in float32
         if self.model.config.num_labels == 1:
             loss_sum = F.mse_loss(logits.squeeze(-1), labels.float(), reduction="sum")
         else:

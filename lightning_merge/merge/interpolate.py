@@ -50,6 +50,11 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def in_math_dtype(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in its `math_dtype` (itself when it is one already)."""
+    return tensor.to(math_dtype(tensor.dtype))
+
+
 def _lerp(a: torch.Tensor, b: torch.Tensor, lam: float) -> torch.Tensor:
     """(1−λ)·a + λ·b; the endpoints are the tensors themselves (lerp would spread a non-finite b to λ = 0)."""
     if lam == 0:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_merge.merge.interpolate import math_dtype
+from lightning_merge.merge.interpolate import in_math_dtype, math_dtype
 
 Params = Mapping[str, Tensor]
 
@@ -95,7 +95,7 @@ def tail_predictions(
 def mixture_logits(logits: Sequence[Tensor], weights: Sequence[float]) -> Tensor:
     """Logits of the mixture Σ_i w_i softmax(logits_i) (its log-probabilities); one-output regressions: the weighted
     mean. Weights must be positive and sum to one."""
-    logits = [x.to(math_dtype(x.dtype)) for x in logits]
+    logits = [in_math_dtype(x) for x in logits]
     if logits[0].shape[-1] == 1:
         return sum(w * x for w, x in zip(weights, logits))
     stacked = torch.stack([F.log_softmax(x, dim=-1) + math.log(w) for w, x in zip(weights, logits)])

@@ -125,6 +125,30 @@ def test_merge_with_permuted_self_is_flat_only_when_aligned(tmp_path, permuted_p
     assert merged.cls.predictions.decoder.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
 
 
+def test_points_holding_the_models_own_weights_run_once_per_batch(tmp_path, permuted_pair, monkeypatch) -> None:
+    """λ = 0 of both methods and the endpoint A are one computation, as are vanilla's λ = 1 and the endpoint B;
+    the curves are exactly those of evaluating every point."""
+    import lightning_merge.modules.merge as merge_module
+
+    forwards = []
+
+    def counted(*args, **kwargs):
+        forwards.append(1)
+        return functional_call(*args, **kwargs)
+
+    functional_call = merge_module.functional_call
+    monkeypatch.setattr(merge_module, "functional_call", counted)
+    model_a, model_b, _ = permuted_pair
+    reused = merge(tmp_path / "reused", model_a, model_b, ["vanilla", "ff+attn+res"])
+    batches, lambdas = 4, 5
+    assert len(forwards) == batches * (2 * lambdas + 2 - 3)  # A twice and B once not run again
+    forwards.clear()
+    monkeypatch.setattr(merge_module._ModelOutputs, "get", lambda self, params: None)
+    every_point = merge(tmp_path / "every", model_a, model_b, ["vanilla", "ff+attn+res"])
+    assert len(forwards) == batches * (2 * lambdas + 2)
+    assert reused["curves"] == every_point["curves"] and reused["endpoints"] == every_point["endpoints"]
+
+
 BEYOND_THE_PAPER = ["vanilla", "weight_matching", "ff+attn[linear]+res", "learned[init=permute,steps=4]",
                     "learned[init=ff+attn[linear]+res,steps=4,attn=linear]"]
 

@@ -392,6 +392,7 @@ class InterpolationModule(PairModule):
         if self.plan is not None:
             self._joint_test_step(batch)
             return
+        reused = _ModelOutputs(self.model_a, self.model_b)
         for m, method in enumerate(self.methods):
             endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
@@ -399,11 +400,11 @@ class InterpolationModule(PairModule):
                 if method in self.splits:
                     self._evaluate_two_headed(m, i, method, params, (1 - lam, lam), batch, index)
                 else:
-                    self._evaluate_point(m, i, params, batch, index)
+                    self._evaluate_point(m, i, params, batch, index, reused=reused)
         first_endpoint = len(self.methods) * len(self.lambdas)
         for k, model in enumerate((self.model_a, self.model_b)):  # a fused model is compared with A and B themselves
             params = dict(model.named_parameters(remove_duplicate=False))
-            self._evaluate_point(0, k, params, batch, first_endpoint + k, self.endpoint_sums)
+            self._evaluate_point(0, k, params, batch, first_endpoint + k, self.endpoint_sums, reused)
 
     def _joint_test_step(self, batch: dict[str, Tensor]) -> None:
         for method in self.plan.methods:
@@ -423,11 +424,15 @@ class InterpolationModule(PairModule):
         return self.aligned_states([{}, self.pair_alignments[method][basis]], basis)
 
     def _evaluate_point(self, row: int, column: int, params: dict[str, Tensor], batch: dict[str, Tensor],
-                        metric_index: int, sums: CurveSums | None = None) -> None:
+                        metric_index: int, sums: CurveSums | None = None, reused: _ModelOutputs | None = None) -> None:
         # its own frame: one point's parameters are freed before the next point's are built. Every parameter name
         # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
-        state = {f"model.{k}": v for k, v in params.items()}
-        output = functional_call(self.objective, state, (batch,), tie_weights=False)
+        output = reused.get(params) if reused is not None else None
+        if output is None:
+            state = {f"model.{k}": v for k, v in params.items()}
+            output = functional_call(self.objective, state, (batch,), tie_weights=False)
+            if reused is not None:
+                reused.put(params, output)
         self._record(row, column, output, batch, metric_index, sums)
 
     def _evaluate_two_headed(self, row: int, column: int, method: str, trunk: dict[str, Tensor],
@@ -515,6 +520,30 @@ class InterpolationModule(PairModule):
                 self.log(f"test/{method}/{name}@lambda={lam:.2f}", value, rank_zero_only=True)
         for key, value in barrier.items():
             self.log(f"test/{key}/{method}", value, rank_zero_only=True)
+
+
+class _ModelOutputs:
+    """A batch's outputs of the points whose parameters are models A's or B's own tensors (every method's λ = 0
+    unless it transforms A, vanilla's λ = 1, the endpoints): the same computation, run once. Only the models' own
+    tensors qualify: their memory lives as long as the models, so a data pointer names the same values throughout."""
+
+    def __init__(self, *models: nn.Module) -> None:
+        self._own = {p.data_ptr() for model in models for p in model.parameters()}
+        self._outputs: dict[tuple, tuple[Tensor, ...]] = {}
+
+    def _key(self, params: Mapping[str, Tensor]) -> tuple | None:
+        if not all(t.data_ptr() in self._own for t in params.values()):
+            return None
+        return tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for name, t in params.items())
+
+    def get(self, params: Mapping[str, Tensor]) -> tuple[Tensor, ...] | None:
+        key = self._key(params)
+        return None if key is None else self._outputs.get(key)
+
+    def put(self, params: Mapping[str, Tensor], output: tuple[Tensor, ...]) -> None:
+        key = self._key(params)
+        if key is not None:
+            self._outputs[key] = output
 
 
 def _computed(points: Sequence[torchmetrics.MetricCollection]) -> list[dict[str, float]]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lightning_merge.errors import OutputError
 
@@ -154,6 +156,22 @@ def read_verified(path: str | os.PathLike, log: Callable[[str], None] = print) -
     path.unlink(missing_ok=True)
     digest.unlink(missing_ok=True)
     return None
+
+
+def cached_arrays(path: str | os.PathLike, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Named numpy arrays kept in a verified ``.npz`` cache file (`read_verified`): read if whole, else ``build()``
+    and written. Arrays only: nothing is unpickled."""
+    import numpy as np  # not needed by the rest of this module
+
+    data = read_verified(path)
+    if data is not None:
+        with np.load(io.BytesIO(data)) as stored:
+            return {name: stored[name] for name in stored.files}
+    arrays = build()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_verified(path, buffer.getvalue())
+    return arrays
 
 
 def _digest_path(path: Path) -> Path:

@@ -134,7 +134,7 @@ def test_max_blocks_spread_and_caches(corpus, cache, monkeypatch):
 
 def test_a_truncated_blocks_cache_is_rebuilt_with_one_line(corpus, tmp_path, capsys):
     first = _dm(corpus, tmp_path / "cache").blocks("train")
-    (cached,) = (tmp_path / "cache" / "mlm").glob("blocks-train-*.npy")
+    (cached,) = (tmp_path / "cache" / "mlm").glob("blocks-train-*.npz")
     cached.write_bytes(cached.read_bytes()[:-100])  # a copy cut short by a kill or a full disk
     capsys.readouterr()
     again = _dm(corpus, tmp_path / "cache").blocks("train")

@@ -43,6 +43,23 @@ def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden_notes", "results.json"]
 
 
+def test_cached_arrays_are_built_once_and_rebuilt_when_damaged(tmp_path):
+    import numpy as np
+
+    builds = []
+
+    def build():
+        builds.append(1)
+        return {"ids": np.arange(6, dtype=np.int32).reshape(2, 3), "labels": np.array([0.5, 1.5])}
+
+    path = tmp_path / "c.npz"
+    first, again = io.cached_arrays(path, build), io.cached_arrays(path, build)
+    assert len(builds) == 1 and again.keys() == first.keys() == {"ids", "labels"}
+    assert all(np.array_equal(again[k], first[k]) and again[k].dtype == first[k].dtype for k in first)
+    path.write_bytes(path.read_bytes()[:-10])  # cut short
+    assert np.array_equal(io.cached_arrays(path, build)["ids"], first["ids"]) and len(builds) == 2
+
+
 def test_verified_cache_files(tmp_path):
     path = io.write_verified(tmp_path / "c.bin", b"payload")
     assert io.read_verified(path) == b"payload"

@@ -44,7 +44,7 @@ from lightning_merge.data.offline import cache_dir, fetch
 from lightning_merge.data.tensors import ResumableLoader
 from lightning_merge.data.tokenizer import corpus_hash, load_tokenizer, tokenizer_fingerprint
 from lightning_merge.errors import ConfigError, DataError, UnknownNameError
-from lightning_merge.io import read_verified, write_verified
+from lightning_merge.io import cached_arrays
 
 LABEL = "label"
 TRAIN = "train"
@@ -474,7 +474,7 @@ def cached_encode(
     """`encode`, kept under ``<cache>/glue/``: a study's fine-tuning and merge stages tokenize each split once.
 
     Keyed by the split's texts and labels, the tokenizer's definition and ``max_length``; a damaged or cut file is
-    rebuilt (`lightning_merge.io.read_verified`). Slow tokenizers (no ``tokenizer.json`` to key by) are not cached.
+    rebuilt (`lightning_merge.io.cached_arrays`). Slow tokenizers (no ``tokenizer.json`` to key by) are not cached.
     """
     if not tokenizer.is_fast or len(dataset) == 0:  # an empty split: `map` leaves it without token columns
         return encode(dataset, task, tokenizer, max_length)
@@ -485,14 +485,8 @@ def cached_encode(
            settings, max_length, ENCODING_VERSION]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     path = (cache or cache_dir()) / "glue" / f"{task.name}-{len(dataset)}-{digest}.npz"
-    data = read_verified(path)
-    if data is not None:
-        return _dataset_of_arrays(np.load(io.BytesIO(data)))
-    encoded = encode(dataset, task, tokenizer, max_length)
-    buffer = io.BytesIO()
-    np.savez(buffer, **_arrays_of_dataset(encoded))
-    write_verified(path, buffer.getvalue())
-    return encoded
+    arrays = cached_arrays(path, lambda: _arrays_of_dataset(encode(dataset, task, tokenizer, max_length)))
+    return _dataset_of_arrays(arrays)
 
 
 def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ Blocks. Each split is tokenized with ``datasets.map`` (batched, no special token
 ``[SEP]``, the token stream is cut into pieces of ``block_size - 2`` and each piece is wrapped as
 ``[CLS] piece [SEP]``. Blocks may therefore span document boundaries (marked by the inner ``[SEP]``); there is no
 padding, so ``attention_mask`` is all ones and ``token_type_ids`` all zeros. The tail of each ``datasets.map`` batch
-(1000 texts) that does not fill a block is dropped. Blocks are cached as ``.npy`` under
+(1000 texts) that does not fill a block is dropped. Blocks are cached as ``.npz`` under
 ``<cache>/mlm/``, keyed by the split's text hash, the tokenizer and ``block_size``.
 
 Masks. Training batches are masked on the fly by Hugging Face's ``DataCollatorForLanguageModeling`` (15 %, 80/10/10),
@@ -19,7 +19,6 @@ Batches are dicts of ``(batch, block_size)`` int64 tensors: ``input_ids``, ``att
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from itertools import chain
@@ -37,7 +36,7 @@ from lightning_merge.data.sources import TEXT, TextSource, WikipediaSource
 from lightning_merge.data.tensors import ResumableLoader, TensorDictDataset, spread_indices
 from lightning_merge.data.tokenizer import cached_wordpiece, corpus_hash, load_tokenizer, tokenizer_fingerprint
 from lightning_merge.errors import ConfigError, DataError
-from lightning_merge.io import read_verified, write_verified
+from lightning_merge.io import cached_arrays
 
 # Bump when the packing changes, so cached blocks are rebuilt.
 BLOCKS_VERSION = 1
@@ -204,21 +203,15 @@ class MLMDataModule(pl.LightningDataModule):
     def _blocks_path(self, split: str) -> Path:
         key = [self._digests[split], tokenizer_fingerprint(self.tokenizer), self.block_size, BLOCKS_VERSION]
         digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
-        return self._cache / "mlm" / f"blocks-{split}-{self.block_size}-{digest}.npy"
+        return self._cache / "mlm" / f"blocks-{split}-{self.block_size}-{digest}.npz"
 
     def blocks(self, split: str) -> np.ndarray:
         """All ``(n, block_size)`` blocks of ``split`` (``train``/``validation``), before any ``max_*`` limit."""
         if split not in self._blocks:
             dataset = self._load_splits()[split]
-            path = self._blocks_path(split)
-            data = read_verified(path)  # a damaged or truncated copy is rebuilt
-            if data is not None:
-                blocks = np.load(io.BytesIO(data))
-            else:
-                blocks = pack_blocks(dataset, self.tokenizer, self.block_size)
-                buffer = io.BytesIO()
-                np.save(buffer, blocks)
-                write_verified(path, buffer.getvalue())
+            blocks = cached_arrays(  # a damaged copy is rebuilt
+                self._blocks_path(split), lambda: {"blocks": pack_blocks(dataset, self.tokenizer, self.block_size)}
+            )["blocks"]
             if len(blocks) == 0:
                 raise DataError(
                     f"the {split} split of {self.source.describe()} does not fill one block of {self.block_size} "

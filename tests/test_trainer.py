@@ -25,7 +25,7 @@ from lightning_merge.merge.alignment import HeadLinear, Permutation, apply_align
 from lightning_merge.merge.permute import invert_permutation, random_permutations
 from lightning_merge.merge.spec import spec_for_model
 from lightning_merge.merge.stats import PairStatistics
-from lightning_merge.modules.merge import InterpolationModule
+from lightning_merge.modules.merge import InterpolationModule, _PointOutputs
 from lightning_merge.report import MERGE_COMPLETE
 from lightning_merge.trainer import MergeTrainer
 
@@ -125,28 +125,69 @@ def test_merge_with_permuted_self_is_flat_only_when_aligned(tmp_path, permuted_p
     assert merged.cls.predictions.decoder.weight.data_ptr() == merged.bert.embeddings.word_embeddings.weight.data_ptr()
 
 
-def test_points_holding_the_models_own_weights_run_once_per_batch(tmp_path, permuted_pair, monkeypatch) -> None:
-    """λ = 0 of both methods and the endpoint A are one computation, as are vanilla's λ = 1 and the endpoint B;
-    the curves are exactly those of evaluating every point."""
+@pytest.fixture
+def forwards(monkeypatch) -> list[int]:
+    """One entry per model evaluation of the curves (`functional_call` in the merge module)."""
     import lightning_merge.modules.merge as merge_module
 
-    forwards = []
+    calls: list[int] = []
+    functional_call = merge_module.functional_call
 
     def counted(*args, **kwargs):
-        forwards.append(1)
+        calls.append(1)
         return functional_call(*args, **kwargs)
 
-    functional_call = merge_module.functional_call
     monkeypatch.setattr(merge_module, "functional_call", counted)
+    return calls
+
+
+def test_points_holding_the_models_own_weights_run_once_per_batch(tmp_path, permuted_pair, forwards,
+                                                                  monkeypatch) -> None:
+    """λ = 0 of both methods and the endpoint A are one computation, as are vanilla's λ = 1 and the endpoint B;
+    the curves are exactly those of evaluating every point."""
     model_a, model_b, _ = permuted_pair
     reused = merge(tmp_path / "reused", model_a, model_b, ["vanilla", "ff+attn+res"])
     batches, lambdas = 4, 5
     assert len(forwards) == batches * (2 * lambdas + 2 - 3)  # A twice and B once not run again
     forwards.clear()
-    monkeypatch.setattr(merge_module._ModelOutputs, "get", lambda self, params: None)
+    monkeypatch.setattr(_PointOutputs, "get", lambda self, key: None)
     every_point = merge(tmp_path / "every", model_a, model_b, ["vanilla", "ff+attn+res"])
     assert len(forwards) == batches * (2 * lambdas + 2)
     assert reused["curves"] == every_point["curves"] and reused["endpoints"] == every_point["endpoints"]
+
+
+def test_a_joint_merge_runs_each_of_its_points_once_per_batch(tmp_path, permuted_pair, forwards,
+                                                              monkeypatch) -> None:
+    """A vertex ends two lines and is a point of its own, an edge's midpoint is on the triangle grid too, and the
+    reference model is the same in every method: each runs once, and the results are those of running them all."""
+    model_a, model_b, _ = permuted_pair
+    model_c = BertForMaskedLM.from_pretrained(model_a)  # a third copy of A, permuted otherwise
+    spec = spec_for_model(model_c)
+    model_c.load_state_dict(apply_alignments(model_c.state_dict(), spec, permutations(
+        random_permutations(spec, torch.Generator().manual_seed(5)))))
+    model_c.save_pretrained(tmp_path / "c")
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+
+    def joint_merge(run: str) -> dict:
+        trainer = MergeTrainer(accelerator="cpu", devices=1, default_root_dir=str(tmp_path / run), **quiet)
+        module = InterpolationModule(models=[str(model_a), str(model_b), str(tmp_path / "c")], lambdas=[0, 0.5, 1],
+                                     simplex_steps=2)
+        return trainer.merge(module, RandomTokens(), methods=["vanilla", "to_reference"], export_method="vanilla")
+
+    reused = joint_merge("reused")
+    runs = len(forwards)
+    forwards.clear()
+    monkeypatch.setattr(_PointOutputs, "get", lambda self, key: None)
+    every_point = joint_merge("every")
+    batches, points = 4, 2 * (3 * 3 + 3 + 1 + 3)  # per method: 3 lines of 3, 3 vertices, the average, 3 inside
+    assert len(forwards) == batches * points
+    # vanilla (pairwise: its lines in each pair's basis): each model once, three line midpoints, three inside, the
+    # average = 10; to_reference (one common basis): its vertices 1 and 2, three midpoints, the average = 6 (vertex
+    # 0 is model 0 itself, run for vanilla already)
+    assert runs == batches * (10 + 6)
+    timings = ("timings",)
+    assert {k: v for k, v in reused.items() if k not in timings} == {
+        k: v for k, v in every_point.items() if k not in timings}
 
 
 BEYOND_THE_PAPER = ["vanilla", "weight_matching", "ff+attn[linear]+res", "learned[init=permute,steps=4]",

@@ -392,7 +392,7 @@ class InterpolationModule(PairModule):
         if self.plan is not None:
             self._joint_test_step(batch)
             return
-        reused = _ModelOutputs(self.model_a, self.model_b)
+        reused = _PointOutputs(self.model_a, self.model_b)
         for m, method in enumerate(self.methods):
             endpoints = self.endpoints(method)  # once per batch and method; cheap beside a forward
             for i, lam in enumerate(self.lambdas):
@@ -407,6 +407,7 @@ class InterpolationModule(PairModule):
             self._evaluate_point(0, k, params, batch, first_endpoint + k, self.endpoint_sums, reused)
 
     def _joint_test_step(self, batch: dict[str, Tensor]) -> None:
+        reused = _PointOutputs(*self.all_models)
         for method in self.plan.methods:
             bases: dict[Pair | None, list[dict[str, Tensor]]] = {}  # once per batch and method
             for index, point in self.plan.points_of(method):
@@ -415,8 +416,9 @@ class InterpolationModule(PairModule):
                 params = combine_state_dicts(bases[point.basis], point.weights)
                 if method in self.splits:
                     self._evaluate_two_headed(index, 0, method, params, point.weights, batch, index)
-                else:
-                    self._evaluate_point(index, 0, params, batch, index)
+                else:  # a vertex ends two lines and is a point of its own: the same weights, the same output
+                    self._evaluate_point(index, 0, params, batch, index, reused=reused,
+                                         point=(method, point.basis, point.weights))
 
     def _basis(self, method: str, basis: Pair | None) -> list[dict[str, Tensor]]:
         if basis is None:
@@ -424,15 +426,17 @@ class InterpolationModule(PairModule):
         return self.aligned_states([{}, self.pair_alignments[method][basis]], basis)
 
     def _evaluate_point(self, row: int, column: int, params: dict[str, Tensor], batch: dict[str, Tensor],
-                        metric_index: int, sums: CurveSums | None = None, reused: _ModelOutputs | None = None) -> None:
+                        metric_index: int, sums: CurveSums | None = None, reused: _PointOutputs | None = None,
+                        point: Any = None) -> None:
         # its own frame: one point's parameters are freed before the next point's are built. Every parameter name
         # is passed, aliases too, so an endpoint pair that unties a weight (`endpoints`) is evaluated untied.
-        output = reused.get(params) if reused is not None else None
+        key = reused.key(params, point) if reused is not None else None
+        output = reused.get(key) if reused is not None else None
         if output is None:
             state = {f"model.{k}": v for k, v in params.items()}
             output = functional_call(self.objective, state, (batch,), tie_weights=False)
             if reused is not None:
-                reused.put(params, output)
+                reused.put(key, output)
         self._record(row, column, output, batch, metric_index, sums)
 
     def _evaluate_two_headed(self, row: int, column: int, method: str, trunk: dict[str, Tensor],
@@ -522,26 +526,27 @@ class InterpolationModule(PairModule):
             self.log(f"test/{key}/{method}", value, rank_zero_only=True)
 
 
-class _ModelOutputs:
-    """A batch's outputs of the points whose parameters are models A's or B's own tensors (every method's λ = 0
-    unless it transforms A, vanilla's λ = 1, the endpoints): the same computation, run once. Only the models' own
-    tensors qualify: their memory lives as long as the models, so a data pointer names the same values throughout."""
+class _PointOutputs:
+    """A batch's outputs by what determines them, so a point met again is not run again: parameters that are the
+    models' own tensors (every method's λ = 0 unless it transforms A, vanilla's λ = 1, the endpoints, a joint
+    merge's reference model), or a key the caller gives (a joint merge's vertex on several lines). Only the models'
+    own tensors are known by their memory: it lives as long as the models, so a data pointer names the same values
+    throughout; a point's fresh tensors may reuse a freed point's memory."""
 
     def __init__(self, *models: nn.Module) -> None:
         self._own = {p.data_ptr() for model in models for p in model.parameters()}
-        self._outputs: dict[tuple, tuple[Tensor, ...]] = {}
+        self._outputs: dict[Any, tuple[Tensor, ...]] = {}
 
-    def _key(self, params: Mapping[str, Tensor]) -> tuple | None:
-        if not all(t.data_ptr() in self._own for t in params.values()):
-            return None
-        return tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for name, t in params.items())
+    def key(self, params: Mapping[str, Tensor], point: Any = None) -> Any:
+        """The models' own tensors' key, else ``point`` (None: not reusable)."""
+        if all(t.data_ptr() in self._own for t in params.values()):
+            return tuple((name, t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for name, t in params.items())
+        return point
 
-    def get(self, params: Mapping[str, Tensor]) -> tuple[Tensor, ...] | None:
-        key = self._key(params)
+    def get(self, key: Any) -> tuple[Tensor, ...] | None:
         return None if key is None else self._outputs.get(key)
 
-    def put(self, params: Mapping[str, Tensor], output: tuple[Tensor, ...]) -> None:
-        key = self._key(params)
+    def put(self, key: Any, output: tuple[Tensor, ...]) -> None:
         if key is not None:
             self._outputs[key] = output
 

@@ -63,19 +63,13 @@ class Stage:
     @property
     def recorded_seconds(self) -> float | None:
         """How long this stage took when it last finished (also under other arguments), if it ever did."""
-        try:
-            return json.loads((self.run_dir / COMPLETE_MARKER).read_text()).get("seconds")
-        except (OSError, ValueError):  # none, or damaged: no estimate from it (the stage itself will say more)
-            return None
+        return _completion_record(self.run_dir).get("seconds")
 
     def is_complete(self) -> bool:
-        marker = self.run_dir / COMPLETE_MARKER
-        if not marker.is_file() or not all((self.run_dir / out).exists() for out in self.outputs):
+        if not all((self.run_dir / out).exists() for out in self.outputs):
             return False
-        try:  # a stage running beside this check may be clearing its folder
-            return json.loads(marker.read_text()).get("fingerprint") == self.fingerprint
-        except (OSError, ValueError):
-            return False
+        recorded = _recorded_fingerprint(self.run_dir)
+        return recorded is not None and recorded == self.fingerprint
 
 
 def _file_digest(arg: str) -> str | None:
@@ -83,11 +77,17 @@ def _file_digest(arg: str) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
-def _recorded_fingerprint(run_dir: Path) -> str | None:
+def _completion_record(run_dir: Path) -> dict:
+    """What a stage's completion marker records; empty if it has none, or a damaged one, or a stage running beside
+    the reader is clearing its folder."""
     try:
-        return json.loads((run_dir / COMPLETE_MARKER).read_text()).get("fingerprint")
+        return json.loads((run_dir / COMPLETE_MARKER).read_text())
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def _recorded_fingerprint(run_dir: Path) -> str | None:
+    return _completion_record(run_dir).get("fingerprint")
 
 
 @dataclass

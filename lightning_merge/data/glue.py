@@ -493,9 +493,9 @@ def _arrays_of_dataset(encoded: datasets.Dataset) -> dict[str, np.ndarray]:
     """An encoded split as flat arrays, read from its Arrow columns (types kept): each token column concatenated,
     ``lengths`` to cut it, ``labels``."""
     table = encoded.with_format("arrow")  # its rows, through any selection of them
-    columns = {name: table[name].combine_chunks() for name in encoded.column_names}
-    arrays = {"lengths": pc.list_value_length(columns["input_ids"]).to_numpy()}
-    for name, column in columns.items():
+    arrays = {"lengths": token_counts(encoded)}
+    for name in encoded.column_names:
+        column = table[name].combine_chunks()
         values = column if name == "labels" else column.flatten()
         arrays[name] = values.to_numpy(zero_copy_only=False)
     return arrays

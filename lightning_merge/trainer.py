@@ -212,7 +212,7 @@ class MergeTrainer(pl.Trainer):
         self.test(model, dataloaders=_first(datamodule.val_dataloader()), verbose=False)
         timings["curves_s"] = time.perf_counter() - start
         release_freed_memory()  # the curves' activations, before the export builds the merged model
-        timings["curve_points"] = len(model.methods) * len(model.lambdas)
+        timings["curve_points"] = model.curve_point_count
         descriptions = {name: method.describe() for name, method in chosen.items()}
         if model.num_models == 2:
             for name, figures in model.results["barriers"].items():

@@ -185,6 +185,7 @@ def test_a_joint_merge_runs_each_of_its_points_once_per_batch(tmp_path, permuted
     # average = 10; to_reference (one common basis): its vertices 1 and 2, three midpoints, the average = 6 (vertex
     # 0 is model 0 itself, run for vanilla already)
     assert runs == batches * (10 + 6)
+    assert reused["timings"]["curve_points"] == points
     timings = ("timings",)
     assert {k: v for k, v in reused.items() if k not in timings} == {
         k: v for k, v in every_point.items() if k not in timings}

@@ -297,6 +297,11 @@ class InterpolationModule(PairModule):
     def method_names(self) -> list[str]:
         return list(self.methods) if self.plan is None else self.plan.methods
 
+    @property
+    def curve_point_count(self) -> int:
+        """The models the curves evaluate on every batch: (method, λ) points, or an N-model merge's plan."""
+        return len(self.methods) * len(self.lambdas) if self.plan is None else len(self.plan.points)
+
     def endpoints(self, method: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """(θ_A, π(θ_B)) of ``method`` by parameter name, tied aliases included (sharing their source's tensor).
 

@@ -236,12 +236,9 @@ def test_bad_method_is_one_line_before_any_model_loads(tmp_path, capsys, methods
     assert len(err) == 1 and message in err[0], err
 
 
-def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
-    import subprocess
-    import sys
-
-    args = [
-        sys.executable, "-m", "lightning_merge.cli", "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"),
+def small_merge_args(fitted: Path, run: Path, *extra: str) -> list[str]:
+    return [
+        "merge", "--config", str(ROOT / "configs/merge/mlm.yaml"),
         "--trainer.default_root_dir", str(run), "--trainer.enable_progress_bar", "false",
         "--trainer.accelerator", "cpu", "--trainer.logger", "false",
         "--model.init_args.model_a", str(fitted / "seed0/hf"), "--model.init_args.model_b", str(fitted / "seed1/hf"),
@@ -253,7 +250,15 @@ def merge_in_subprocess(fitted: Path, run: Path, *extra: str) -> None:
                      "ff+attn+res+regmean, 'ff+attn+res+repair[exact=true,batches=2]', ot]",
         "--export_method", "null", *extra,
     ]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=600)
+
+
+def in_subprocess(args: list[str]) -> None:
+    """``lm-merge`` in a process of its own, as DDP needs (it starts the other ranks as copies of that process)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "lightning_merge.cli", *args], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -262,8 +267,9 @@ def test_ddp_on_two_processes_matches_one_process(fitted, tmp_path) -> None:
 
     # float64 products: float32 ones round differently when the blocks are split across ranks (linear maps ~1e-7)
     exact_sums = ("--statistics_dtype", "float64")
-    merge_in_subprocess(fitted, tmp_path / "one", "--trainer.devices", "1", *exact_sums)
-    merge_in_subprocess(fitted, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp", *exact_sums)
+    assert run_cli(small_merge_args(fitted, tmp_path / "one", "--trainer.devices", "1", *exact_sums)) == 0
+    in_subprocess(small_merge_args(fitted, tmp_path / "ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                                   *exact_sums))
     one_process, two_ranks = (load_alignments(tmp_path / run / "alignments.safetensors") for run in ("one", "ddp"))
     assert one_process.keys() == two_ranks.keys()
     exact = [method for method in one_process if not method.startswith("learned")]  # learning sees other batches

@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/joint_statistics.py                       # N = 2, 3, 4, 5 at 16k and 64k tokens
     python benchmarks/joint_statistics.py --models 2,3 --tokens 2048 --output /tmp/joint.json
+    python benchmarks/joint_statistics.py --methods merge_many 'cycle_consistent[max_iterations=20]'
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -70,21 +72,21 @@ def bench_count(models: list[torch.nn.Module], args: argparse.Namespace) -> dict
     weights = [dict(m.named_parameters()) for m in models]
     inputs = JointInputs(spec, len(models), lambda i, j: FitInputs(spec, weights[i], weights[j],
                                                                    statistics=statistics.pair(i, j)))
-    for name in METHODS:
+    for name in args.methods:
         row[f"fit_{name}_s"], _ = timed(lambda: fit_joint(get_method(name), inputs), device)
     inputs.close()
     return row
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], methods: Sequence[str] = METHODS) -> str:
     columns = ["N", "stats s", "stats 4x s", "sums MiB", "sums 4x MiB", "pairs", "peak MiB",
-               *(f"fit {name} s" for name in METHODS)]
+               *(f"fit {name} s" for name in methods)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
     for row in rows:
         cells = [str(row["models"]), f"{row['statistics_s']:.2f}", f"{row['statistics_4x_s']:.2f}",
                  f"{row['statistics_bytes'] / 2**20:.1f}", f"{row['statistics_4x_bytes'] / 2**20:.1f}",
                  f"{row['statistics_bytes'] / row['pair_bytes']:.0f}", f"{row['statistics_peak_mib']:.0f}",
-                 *(f"{row[f'fit_{name}_s']:.2f}" for name in METHODS)]
+                 *(f"{row[f'fit_{name}_s']:.2f}" for name in methods)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -97,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--tokens", type=int, default=16384, help="statistics tokens (and 4x that)")
     parser.add_argument("--batch-size", type=int, default=128, help="blocks of 32 tokens per batch")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), help="the joint methods whose fits are timed")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON results path")
     return parser.parse_args(argv)
 
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     counts = [int(n) for n in args.models.split(",")]
     every = random_models(args.preset, max(counts), args.vocab, args.heads)
     rows = [bench_count(every[:n], args) for n in counts]
-    print(table(rows))
+    print(table(rows, args.methods))
     meta = {"preset": args.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "machine": platform.machine()}
     atomic_write_text(args.output, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")

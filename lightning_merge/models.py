@@ -25,6 +25,23 @@ PRESETS: dict[str, dict[str, int]] = {
 HF_CONFIG_KEY = "hf_config"  # where our Lightning checkpoints keep the HF config of the wrapped model
 
 
+def attention_kwargs(attn_implementation: str | None) -> dict[str, str]:
+    """HF's ``attn_implementation`` argument for a model's loader: ``{}`` keeps the family's default (SDPA where
+    the family has it).
+
+    Raises:
+        ConfigError: a name transformers does not know.
+    """
+    if attn_implementation is None:
+        return {}
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.keys()]
+    if attn_implementation not in known:
+        raise ConfigError(f"unknown attn_implementation {attn_implementation!r}; known: {', '.join(known)}")
+    return {"attn_implementation": attn_implementation}
+
+
 def build_config(
     preset: str, vocab_size: int, max_position_embeddings: int = 512, family: str = "bert", **overrides: Any
 ) -> PretrainedConfig:

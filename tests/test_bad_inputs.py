@@ -105,6 +105,8 @@ ROWS = [
     # fit
     Row("fit: unknown preset", lambda p: fresh_fit(p, "--model.init_args.preset", "huge"), 2,
         "unknown model preset 'huge'"),
+    Row("fit: unknown attention kernel", lambda p: fresh_fit(p, "--model.init_args.attn_implementation", "fast"), 2,
+        "unknown attn_implementation 'fast'"),
     Row("fit: unknown key", lambda p: fresh_fit(p, "--model.init_args.no_such_key", "1"), 2, "no_such_key"),
     Row("fit: missing corpus", lambda p: fresh_fit(p, "--data.init_args.source.train_files", "/nonexistent/c.txt"),
         2, "/nonexistent/c.txt"),

@@ -84,6 +84,15 @@ def test_head_seed_gives_identical_heads_across_pretraining_seeds(models):
     assert not torch.equal(c.classifier.weight, d.classifier.weight)
 
 
+def test_the_attention_kernel_reaches_the_classifier(models):
+    task = get_task("rt_polarity")
+    assert build_classifier(models["seed0"], task).config._attn_implementation == "sdpa"
+    module = GLUEModule(init_from=models["seed0"], task="rt_polarity", attn_implementation="eager")
+    assert module.model.config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="unknown attn_implementation 'fast'"):
+        GLUEModule(init_from=models["seed0"], task="rt_polarity", attn_implementation="fast")
+
+
 def test_training_step_metrics_and_checkpoint_round_trip(models, tmp_path, cpu_trainer_kwargs):
     # task and tokenizer come from the datamodule / init dir; no warmup: its first step has lr 0
     module = GLUEModule(init_from=models["seed0"], lr=1e-3, warmup_ratio=0.0)

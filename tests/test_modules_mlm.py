@@ -11,6 +11,7 @@ import torch
 
 from lightning_merge.data.mlm import MLMDataModule
 from lightning_merge.data.sources import LocalFilesSource
+from lightning_merge.errors import ConfigError
 from lightning_merge.modules.mlm import MLMModule
 
 WORDS = "the a fox dog river bank runs jumps over under quick lazy brown green".split()
@@ -62,3 +63,25 @@ def test_sinusoidal_position_init_is_used_and_seeded():
     gram = table @ table.T
     assert torch.allclose(torch.diagonal(gram, 3)[:-1], torch.diagonal(gram, 3)[1:], atol=1e-6)
     assert torch.equal(positions(0), table) and not torch.allclose(positions(1), table)
+
+
+def test_the_attention_kernel_reaches_the_model_and_trains_in_bf16(datamodule, cpu_trainer_kwargs, tmp_path):
+    small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64)
+    default = MLMModule(preset="tiny", config_overrides=small)
+    default.build(vocab_size=100)
+    assert default.model.config._attn_implementation == "sdpa"
+    module = MLMModule(preset="tiny", config_overrides=small, attn_implementation="eager", lr=1e-2, warmup_ratio=0.0)
+    trainer = pl.Trainer(max_steps=3, precision="bf16-mixed", num_sanity_val_steps=0, **cpu_trainer_kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.model.config._attn_implementation == "eager"
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    module.model.save_pretrained(tmp_path / "hf")  # a model trained with eager attention loads with the default
+    continued = MLMModule(init_from=str(tmp_path / "hf"))
+    assert continued.model.config._attn_implementation == "sdpa"
+    assert MLMModule(init_from=str(tmp_path / "hf"), attn_implementation="eager").model.config._attn_implementation \
+        == "eager"
+
+
+def test_an_unknown_attention_kernel_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown attn_implementation 'fast'; known: eager, .*sdpa"):
+        MLMModule(preset="tiny", attn_implementation="fast")

@@ -21,7 +21,7 @@ from transformers import (
 
 from lightning_merge.data.glue import GlueTask, get_task
 from lightning_merge.errors import CheckpointError, ConfigError
-from lightning_merge.models import HF_CONFIG_KEY, load_pretrained
+from lightning_merge.models import HF_CONFIG_KEY, attention_kwargs, load_pretrained
 from lightning_merge.modules.optim import adamw_linear_schedule
 from lightning_merge.objectives import SequenceClassificationObjective
 
@@ -45,7 +45,9 @@ def predictions(logits: Tensor, task: GlueTask) -> Tensor:
     return logits.squeeze(-1) if task.is_regression else logits.argmax(dim=-1)
 
 
-def build_classifier(init_from: str | Path, task: GlueTask, head_seed: int | None = 0) -> PreTrainedModel:
+def build_classifier(
+    init_from: str | Path, task: GlueTask, head_seed: int | None = 0, attn_implementation: str | None = None
+) -> PreTrainedModel:
     """A sequence classifier of ``init_from``'s family (``BertForSequenceClassification``, ...) for ``task``, its
     encoder loaded from ``init_from``.
 
@@ -54,11 +56,12 @@ def build_classifier(init_from: str | Path, task: GlueTask, head_seed: int | Non
     identical heads, as in the paper. ``head_seed=None`` draws them from the global RNG (``seed_everything``).
     """
     labels = {"id2label": dict(enumerate(task.label_names))} if task.label_names else {}
+    kwargs = {"num_labels": task.num_labels, **labels, **attention_kwargs(attn_implementation)}
     if head_seed is None:
-        return load_pretrained(init_from, AutoModelForSequenceClassification, num_labels=task.num_labels, **labels)
+        return load_pretrained(init_from, AutoModelForSequenceClassification, **kwargs)
     with torch.random.fork_rng(devices=[]):  # the global RNG (dropout, shuffling) is left as it was
         torch.manual_seed(head_seed)
-        return load_pretrained(init_from, AutoModelForSequenceClassification, num_labels=task.num_labels, **labels)
+        return load_pretrained(init_from, AutoModelForSequenceClassification, **kwargs)
 
 
 def check_vocab(config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, source: str) -> None:
@@ -94,6 +97,8 @@ class GLUEModule(pl.LightningModule):
         weight_decay: AdamW decoupled weight decay (not on biases and LayerNorms).
         warmup_ratio: Fraction of the training steps spent warming up linearly.
         betas: AdamW betas.
+        attn_implementation: HF's attention kernels (``eager``, ``sdpa``, ...); default the family's (SDPA). With
+            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` is the fast one (docs/performance.md).
     """
 
     def __init__(
@@ -105,8 +110,10 @@ class GLUEModule(pl.LightningModule):
         weight_decay: float = 0.01,
         warmup_ratio: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.999),
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
+        attention_kwargs(attn_implementation)  # an unknown name fails before any data is read
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.objective: SequenceClassificationObjective | None = None
@@ -121,7 +128,8 @@ class GLUEModule(pl.LightningModule):
         # record the resolved task (also in hparams_initial, which loggers merge with the datamodule's `task`), so
         # a checkpoint rebuilds without a datamodule
         self.save_hyperparameters({**self.hparams, "task": task.name})
-        self.model = build_classifier(self.hparams.init_from, task, self.hparams.head_seed)
+        self.model = build_classifier(self.hparams.init_from, task, self.hparams.head_seed,
+                                      self.hparams.get("attn_implementation"))
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes (no dropout)
         self.objective = SequenceClassificationObjective(self.model)
         self.val_metrics = nn.ModuleList(task_metrics(task) for _ in task.validation_splits)

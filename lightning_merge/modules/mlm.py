@@ -12,7 +12,13 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedM
 
 from lightning_merge.errors import ConfigError
 from lightning_merge.merge.families import CAUSAL_LM, MASKED_LM, get_family
-from lightning_merge.models import HF_CONFIG_KEY, build_config, load_pretrained, sinusoidal_positions
+from lightning_merge.models import (
+    HF_CONFIG_KEY,
+    attention_kwargs,
+    build_config,
+    load_pretrained,
+    sinusoidal_positions,
+)
 from lightning_merge.modules.optim import adamw_linear_schedule
 from lightning_merge.objectives import CausalLMObjective, MaskedLMObjective
 
@@ -36,6 +42,9 @@ class MLMModule(pl.LightningModule):
         sinusoidal_positions: If set, initialise the (still learned) position embeddings as sinusoids of this
             amplitude in a random, seed-dependent basis instead of BERT's N(0, 0.02). Small models trained for
             minutes then learn to use context; with the default init they stay at unigram + copy-the-input level.
+        attn_implementation: HF's attention kernels (``eager``, ``sdpa``, ...); default the family's (SDPA). With
+            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` trains 1.6-2.4x faster than float32,
+            SDPA's bfloat16 backward is slow there (docs/performance.md, benchmarks/training_step.py).
     """
 
     task: ClassVar[str] = MASKED_LM
@@ -55,8 +64,10 @@ class MLMModule(pl.LightningModule):
         warmup_ratio: float = 0.06,
         betas: tuple[float, float] = (0.9, 0.98),
         sinusoidal_positions: float | None = None,
+        attn_implementation: str | None = None,
     ) -> None:
         super().__init__()
+        attention_kwargs(attn_implementation)  # an unknown name fails before any data is read
         family = family or self.default_family
         self.save_hyperparameters()
         self.hparams.family = family
@@ -76,8 +87,9 @@ class MLMModule(pl.LightningModule):
         RoBERTa's position ids count from).
         """
         hp = self.hparams
+        attention = attention_kwargs(hp.get("attn_implementation"))  # absent from checkpoints of older runs
         if hp.init_from is not None:
-            model = load_pretrained(hp.init_from, self.auto_class).train()  # from_pretrained returns eval mode
+            model = load_pretrained(hp.init_from, self.auto_class, **attention).train()  # from_pretrained: eval mode
         else:
             if vocab_size is None:
                 raise ConfigError("MLMModule needs a datamodule with a tokenizer (or model.init_from) for its vocab")
@@ -85,7 +97,7 @@ class MLMModule(pl.LightningModule):
             if pad_token_id is not None:
                 overrides.setdefault("pad_token_id", pad_token_id)
             config = build_config(hp.preset, vocab_size, hp.max_position_embeddings, hp.family, **overrides)
-            model = self.auto_class.from_config(config)
+            model = self.auto_class.from_config(config, **attention)
             if hp.sinusoidal_positions is not None:
                 positions = get_family(hp.family).embeddings[1]
                 table = model.base_model.get_submodule(positions).weight

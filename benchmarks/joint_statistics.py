@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    for name in args.methods:
+        get_method(name)  # a mistyped name fails here, not after the statistics passes
     counts = [int(n) for n in args.models.split(",")]
     every = random_models(args.preset, max(counts), args.vocab, args.heads)
     rows = [bench_count(every[:n], args) for n in counts]

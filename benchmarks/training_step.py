@@ -35,13 +35,13 @@ from merge_core import timed  # noqa: E402 - a sibling script, not a package
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "training_step.json"
 ATTENTION = ("sdpa", "eager")
 PRECISIONS = {"float32": None, "bf16-mixed": torch.bfloat16}
-MASKED = 0.15
+MASKED_FRACTION = 0.15  # of the tokens, as MLM pretraining masks them
 
 
 def random_batch(args: argparse.Namespace, device: torch.device) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(5, args.vocab, (args.batch_size, args.block), generator=generator)
-    labels = torch.where(torch.rand(ids.shape, generator=generator) < MASKED, ids, -100)
+    labels = torch.where(torch.rand(ids.shape, generator=generator) < MASKED_FRACTION, ids, -100)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     return {name: tensor.to(device) for name, tensor in batch.items()}
 
@@ -59,7 +59,7 @@ def step_seconds(attention: str, dtype: torch.dtype | None, args: argparse.Names
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss_sum, count = objective(batch)
-        (loss_sum / count).backward()
+        (loss_sum / count.clamp(min=1)).backward()  # as MLMModule takes the mean
         optimizer.step()
         optimizer.zero_grad()
 
@@ -81,6 +81,14 @@ def measure(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for row in rows:
         row["speedup"] = baseline / row["step_ms"]
     return rows
+
+
+def _has_amx() -> bool | None:
+    """Whether the CPU has AMX's bf16 matrix units (Linux's CPU flags; None where they cannot be read)."""
+    try:
+        return "amx_bf16" in Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return None
 
 
 def table(rows: list[dict]) -> str:
@@ -111,7 +119,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(table(rows))
     meta = {"preset": args.preset, "heads": args.heads, "vocab": args.vocab, "block": args.block,
             "batch_size": args.batch_size, "device": args.device, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "machine": platform.machine(), "processor": platform.processor()}
+            "steps": args.steps, "warmup": args.warmup, "repeat": args.repeat, "threads": torch.get_num_threads(),
+            "machine": platform.machine(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "amx": _has_amx()}
     atomic_write_text(args.output, json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.output}")
     return rows

@@ -14,6 +14,7 @@ def test_sums_grow_with_pairs_not_tokens(tmp_path) -> None:
     # every joint method, each stopped early: iterating to convergence on random models takes ~15 s in all
     methods = ["to_reference", "merge_many[max_rounds=2]", "cycle_consistent[max_iterations=3]",
                "merge_many[by=weights,max_rounds=2]"]
+    assert [name.split("[")[0] for name in methods] == [name.split("[")[0] for name in bench.METHODS]
     rows = bench.main(["--models", "2,3", "--tokens", "256", "--vocab", "64", "--batch-size", "4",
                        "--methods", *methods, "--output", str(output)])
     two, three = rows

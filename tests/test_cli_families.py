@@ -132,14 +132,11 @@ def test_ddp_on_two_processes_matches_one_process_for_every_family(family, corpu
     corpus, tokenizer = corpus_and_tokenizer
     model_a, model_b = planted_pair(tmp_path, family, tokenizer)
     methods = [m for m in methods_for(family) if m != "weight_matching"]
-    results = {}
-    for name, extra in (("one", ["--trainer.devices", "1"]), ("ddp", ["--trainer.devices", "2",
-                                                                      "--trainer.strategy", "ddp"])):
-        run = tmp_path / name
-        args = [*merge_args(run, family, model_a, model_b, corpus, methods), "--statistics_dtype", "float64", *extra]
-        if name == "ddp":
-            in_subprocess(args)
-        else:
-            assert run_cli(args) == 0
-        results[name] = json.loads((run / "results.json").read_text())
-    assert_same_barriers(results["one"], results["ddp"], methods)
+    def args(run: str, *devices: str) -> list[str]:
+        return [*merge_args(tmp_path / run, family, model_a, model_b, corpus, methods), "--statistics_dtype",
+                "float64", *devices]
+
+    assert run_cli(args("one", "--trainer.devices", "1")) == 0
+    in_subprocess(args("ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    one, ddp = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "ddp"))
+    assert_same_barriers(one, ddp, methods)

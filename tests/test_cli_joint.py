@@ -113,17 +113,12 @@ def test_ddp_on_two_processes_matches_one_process_for_three_models(corpus_and_to
     corpus, tokenizer = corpus_and_tokenizer
     models = save_models(tmp_path, tokenizer, planted=False)
     methods = ["vanilla", "ff+attn+res", "merge_many", "cycle_consistent"]
-    results = {}
-    for name, extra in (("one", ["--trainer.devices", "1"]),
-                        ("ddp", ["--trainer.devices", "2", "--trainer.strategy", "ddp"])):
-        run = tmp_path / name
-        args = [*merge_args(run, models, corpus, methods), "--statistics_dtype", "float64", *extra]
-        if name == "ddp":
-            in_subprocess(args)
-        else:
-            assert run_cli(args) == 0
-        results[name] = json.loads((run / "results.json").read_text())
-    one, ddp = results["one"], results["ddp"]
+    def args(run: str, *devices: str) -> list[str]:
+        return [*merge_args(tmp_path / run, models, corpus, methods), "--statistics_dtype", "float64", *devices]
+
+    assert run_cli(args("one", "--trainer.devices", "1")) == 0
+    in_subprocess(args("ddp", "--trainer.devices", "2", "--trainer.strategy", "ddp"))
+    one, ddp = (json.loads((tmp_path / run / "results.json").read_text()) for run in ("one", "ddp"))
     assert one["timings"]["statistics_tokens"] == ddp["timings"]["statistics_tokens"]
     for method in methods:
         for pair, figures in one["barriers"][method].items():

@@ -5,7 +5,14 @@ import torch
 from transformers import BertForMaskedLM, BertForSequenceClassification
 
 from lightning_merge.errors import CheckpointError, ConfigError, UnknownNameError
-from lightning_merge.models import HF_CONFIG_KEY, PRESETS, build_config, load_pretrained, sinusoidal_positions
+from lightning_merge.models import (
+    HF_CONFIG_KEY,
+    PRESETS,
+    attention_kwargs,
+    build_config,
+    load_pretrained,
+    sinusoidal_positions,
+)
 
 
 def tiny_mlm() -> BertForMaskedLM:
@@ -51,6 +58,23 @@ def test_load_our_lightning_checkpoint(tmp_path) -> None:
     torch.save({"state_dict": state, HF_CONFIG_KEY: model.config.to_dict()}, tmp_path / "x.ckpt")
     again = load_pretrained(tmp_path / "x.ckpt", BertForMaskedLM)
     assert torch.equal(again.cls.predictions.bias, model.cls.predictions.bias)
+
+
+@pytest.mark.parametrize("source", ["hf", "x.ckpt"])
+def test_the_attention_kernel_reaches_a_loaded_model(tmp_path, source) -> None:
+    model = tiny_mlm()
+    model.save_pretrained(tmp_path / "hf")
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, HF_CONFIG_KEY: model.config.to_dict()}, tmp_path / "x.ckpt")
+    assert load_pretrained(tmp_path / source, BertForMaskedLM).config._attn_implementation == "sdpa"
+    eager = load_pretrained(tmp_path / source, BertForMaskedLM, **attention_kwargs("eager"))
+    assert eager.config._attn_implementation == "eager"
+
+
+def test_attention_kernels_are_the_two_every_family_has() -> None:
+    assert attention_kwargs(None) == {} and attention_kwargs("sdpa") == {"attn_implementation": "sdpa"}
+    with pytest.raises(ConfigError, match="unknown attn_implementation 'flash_attention_2'; known: sdpa, eager"):
+        attention_kwargs("flash_attention_2")
 
 
 def test_missing_and_corrupt_checkpoints_name_the_path(tmp_path) -> None:

@@ -97,8 +97,8 @@ class GLUEModule(pl.LightningModule):
         weight_decay: AdamW decoupled weight decay (not on biases and LayerNorms).
         warmup_ratio: Fraction of the training steps spent warming up linearly.
         betas: AdamW betas.
-        attn_implementation: HF's attention kernels (``eager``, ``sdpa``, ...); default the family's (SDPA). With
-            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` is the fast one (docs/performance.md).
+        attn_implementation: HF's attention kernel, ``sdpa`` (the default) or ``eager``; with
+            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` (docs/performance.md).
     """
 
     def __init__(
@@ -129,7 +129,7 @@ class GLUEModule(pl.LightningModule):
         # a checkpoint rebuilds without a datamodule
         self.save_hyperparameters({**self.hparams, "task": task.name})
         self.model = build_classifier(self.hparams.init_from, task, self.hparams.head_seed,
-                                      self.hparams.get("attn_implementation"))
+                                      self.hparams.attn_implementation)
         self.model.train()  # from_pretrained returns eval mode, and Lightning keeps submodules' modes (no dropout)
         self.objective = SequenceClassificationObjective(self.model)
         self.val_metrics = nn.ModuleList(task_metrics(task) for _ in task.validation_splits)

@@ -264,7 +264,7 @@ class InterpolationModule(PairModule):
         self.plan = None
         self.curve_sums = CurveSums(len(self.methods), len(self.lambdas)).to(self.device)
         self.endpoint_sums = CurveSums(1, 2).to(self.device)
-        points = len(self.methods) * len(self.lambdas) + 2
+        points = self.curve_point_count + 2  # and the two endpoints
         self.task_metrics = nn.ModuleList([task_metrics.clone() for _ in range(points)] if task_metrics else [])
         self.task_metrics.to(self.device)
 
@@ -299,7 +299,8 @@ class InterpolationModule(PairModule):
 
     @property
     def curve_point_count(self) -> int:
-        """The models the curves evaluate on every batch: (method, λ) points, or an N-model merge's plan."""
+        """The points the curves evaluate on every batch (before the ones that are the same computation are run
+        once): (method, λ) pairs, or an N-model merge's plan."""
         return len(self.methods) * len(self.lambdas) if self.plan is None else len(self.plan.points)
 
     def endpoints(self, method: str) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

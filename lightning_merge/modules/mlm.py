@@ -42,9 +42,10 @@ class MLMModule(pl.LightningModule):
         sinusoidal_positions: If set, initialise the (still learned) position embeddings as sinusoids of this
             amplitude in a random, seed-dependent basis instead of BERT's N(0, 0.02). Small models trained for
             minutes then learn to use context; with the default init they stay at unigram + copy-the-input level.
-        attn_implementation: HF's attention kernels (``eager``, ``sdpa``, ...); default the family's (SDPA). With
-            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` trains 1.6-2.4x faster than float32,
-            SDPA's bfloat16 backward is slow there (docs/performance.md, benchmarks/training_step.py).
+        attn_implementation: HF's attention kernel, ``sdpa`` (the default) or ``eager``. With
+            ``trainer.precision: bf16-mixed`` on a CPU with AMX, ``eager`` trained 1.4-2x faster than float32,
+            while SDPA's bfloat16 backward is slow there at the quickstart's shape (docs/performance.md,
+            benchmarks/training_step.py).
     """
 
     task: ClassVar[str] = MASKED_LM
@@ -87,7 +88,7 @@ class MLMModule(pl.LightningModule):
         RoBERTa's position ids count from).
         """
         hp = self.hparams
-        attention = attention_kwargs(hp.get("attn_implementation"))  # absent from checkpoints of older runs
+        attention = attention_kwargs(hp.attn_implementation)
         if hp.init_from is not None:
             model = load_pretrained(hp.init_from, self.auto_class, **attention).train()  # from_pretrained: eval mode
         else:
